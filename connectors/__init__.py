@@ -1,0 +1,1 @@
+"""Connectors: one module per kind of mail store. ``connectors.base`` holds the contract."""

@@ -1,0 +1,177 @@
+"""The connector contract and the source URL registry.
+
+A connector knows one kind of mail store. It lists mailboxes and folders, enumerates
+``MessageRef``s in batches, fetches raw RFC 5322 bytes in batches, and offers action
+primitives. It never parses MIME, never prints, and never imports the CLI.
+
+Sources are URLs: ``maildir:PATH``, ``mbox:PATH``, ``eml:PATH``, a bare path (auto-detected),
+``imap://user@host[:port][/folder]``, ``imaps://...``, ``ews://user@host/EWS/Exchange.asmx``,
+``ews+http://...`` (loopback only). ``open_source(url, options)`` returns the connector.
+Connector modules are imported lazily, so a Maildir scan never imports imapclient.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+from urllib.parse import urlsplit
+
+from rescan.errors import ActionError, UsageError
+from rescan.models import MessageRef
+from rescan.secret import Secret
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to reach a store. ``password`` is a ``Secret``; nothing here is ever printed whole."""
+
+    password: Secret | None = None
+    token: Secret | None = None  # OAuth2 access token, when the store uses one
+    ca_file: str | None = None
+    insecure: bool = False
+    connections: int = 4
+    mailboxes: tuple[str, ...] = ()  # for admin accounts reaching many mailboxes
+    include: tuple[str, ...] = ()  # folder globs
+    exclude: tuple[str, ...] = ()
+    batch_bytes: int = 16 * 1024 * 1024  # fetch batches are bounded by bytes ...
+    batch_count: int = 100  # ... and by message count
+    extra: dict[str, str] = field(default_factory=dict)  # connector-specific settings
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """Outcome of an action on one message: ``ok`` and, after a move, the new location."""
+
+    ref: MessageRef
+    ok: bool
+    detail: str = ""
+    new_id: str | None = None
+
+
+class Connector(ABC):
+    """One open mail store. Use as a context manager; ``close()`` is idempotent.
+
+    Subclasses set ``max_connections`` (politeness: parallel connections or requests per
+    mailbox that the store tolerates) and implement the abstract methods.
+    """
+
+    max_connections: int = 1
+
+    def __init__(self, source: str, options: SourceOptions):
+        self.source = source
+        self.options = options
+
+    def __enter__(self) -> Connector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release connections and files."""
+
+    @abstractmethod
+    def mailboxes(self) -> list[str]:
+        """Names of the mailboxes this source reaches (one for Maildir, mbox, a user login)."""
+
+    @abstractmethod
+    def folders(self, mailbox: str) -> list[str]:
+        """Names of the scannable folders of ``mailbox``, in a stable order."""
+
+    @abstractmethod
+    def refs(self, mailbox: str, folder: str) -> Iterator[list[MessageRef]]:
+        """Every message of ``folder`` as batches of ``MessageRef``s, in a stable order.
+
+        Raises SourceError when the folder cannot be listed."""
+
+    @abstractmethod
+    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
+        """Raw RFC 5322 bytes for each ref, in any order, each ref exactly once. A message
+        that cannot be fetched is yielded with a ``FetchError`` instead of bytes; the
+        others go on. Never changes the message (no read flag, no move)."""
+
+    # Action primitives. A connector that cannot act raises ActionError.
+    def tag(self, refs: Sequence[MessageRef], keyword: str) -> list[ActionResult]:
+        """Mark each message with ``keyword`` (IMAP keyword, EWS category)."""
+        raise ActionError(f"{self.source}: this store cannot tag messages")
+
+    def quarantine(self, refs: Sequence[MessageRef], folder: str) -> list[ActionResult]:
+        """Move each message to ``folder``: copy, verify the copy, only then remove."""
+        raise ActionError(f"{self.source}: this store cannot quarantine messages")
+
+    def delete(self, refs: Sequence[MessageRef], hard: bool = False) -> list[ActionResult]:
+        """Move each message to the trash, or remove it for good with ``hard``."""
+        raise ActionError(f"{self.source}: this store cannot delete messages")
+
+
+ConnectorFactory = Callable[[str, SourceOptions], Connector]
+
+# scheme -> module that registers it; imported on first use only.
+_MODULES = {
+    "maildir": "connectors.local",
+    "mbox": "connectors.local",
+    "eml": "connectors.local",
+    "imap": "connectors.imap",
+    "imaps": "connectors.imap",
+    "ews": "connectors.ews",
+    "ews+http": "connectors.ews",
+    "memory": "connectors.memory",
+}
+_FACTORIES: dict[str, ConnectorFactory] = {}
+_SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*):", re.I)
+
+
+def register(*schemes: str) -> Callable[[ConnectorFactory], ConnectorFactory]:
+    """Class decorator: register a connector for URL ``schemes``."""
+
+    def deco(factory: ConnectorFactory) -> ConnectorFactory:
+        for s in schemes:
+            _FACTORIES[s] = factory
+        return factory
+
+    return deco
+
+
+def scheme_of(source: str) -> str | None:
+    """The URL scheme of ``source``, or None for a bare path (also ``C:\\...`` paths)."""
+    m = _SCHEME.match(source)
+    if not m or len(m.group(1)) == 1:  # a Windows drive letter is not a scheme
+        return None
+    return m.group(1).lower()
+
+
+def check_no_inline_secret(source: str) -> None:
+    """Refuse a URL with a password in it: it would be in argv and in every report."""
+    if scheme_of(source) in ("imap", "imaps", "ews", "ews+http"):
+        if urlsplit(source).password is not None:
+            raise UsageError(
+                "a password in the source URL is not accepted; use --password-env or --password-file"
+            )
+
+
+def open_source(source: str, options: SourceOptions | None = None) -> Connector:
+    """The connector for ``source``. Raises UsageError for an unknown scheme and SourceError
+    when the store cannot be opened."""
+    options = options or SourceOptions()
+    check_no_inline_secret(source)
+    scheme = scheme_of(source)
+    if scheme is None:
+        scheme = "local"
+        module = "connectors.local"
+    else:
+        module = _MODULES.get(scheme)
+        if module is None:
+            known = ", ".join(sorted(_MODULES))
+            raise UsageError(f"unknown source scheme {scheme!r} in {source!r} (known: {known})")
+    if scheme not in _FACTORIES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UsageError(
+                f"source {scheme}: needs a package that is not installed ({exc.name}); "
+                f"install rescan[all]"
+            ) from None
+    return _FACTORIES[scheme](source, options)
