@@ -43,6 +43,7 @@ def message(*attachments: tuple[bytes, str, str]) -> bytes:
 
 
 def zipped(name: str, data: bytes) -> bytes:
+    """A zip archive holding ``data`` as ``name``."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(name, data)
@@ -50,6 +51,7 @@ def zipped(name: str, data: bytes) -> bytes:
 
 
 def closed_tcp_port() -> int:
+    """A loopback port nobody listens on (it was free a moment ago)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -57,11 +59,13 @@ def closed_tcp_port() -> int:
 
 @pytest.fixture(params=["unix", "tcp"])
 def address(request, clamd_server: ClamdServer) -> str:
+    """The session clamd's Unix and TCP addresses, one per test run."""
     return clamd_server.unix_address if request.param == "unix" else clamd_server.tcp_address
 
 
 @pytest.fixture
 def engine(address: str) -> ClamdEngine:
+    """An engine loaded from a spec of the session clamd."""
     return ClamdSpec(address).load()
 
 
@@ -97,6 +101,7 @@ def test_address_parses(text: str, expected: ClamdAddress) -> None:
         "",
         "/run/clamav/clamd.ctl",
         "unix:",
+        "unix://clamd.sock",
         "tcp://127.0.0.1",
         "tcp://127.0.0.1:0",
         "tcp://127.0.0.1:70000",
@@ -148,6 +153,7 @@ def test_fingerprint_changes_with_the_signature_database(own_clamd: ClamdServer)
 
 
 def assert_eicar(findings: list[Finding], scanned: bytes, part: str = "") -> None:
+    """Exactly one EICAR finding on ``part``, hashed over the ``scanned`` bytes."""
     assert len(findings) == 1
     finding = findings[0]
     assert finding.engine == "clamav" and finding.namespace == "clamav"
@@ -265,6 +271,7 @@ def test_clamd_gone_at_scan_time_is_an_engine_problem(own_clamd: ClamdServer) ->
 
 
 def scan_in_worker(spec: ClamdSpec, raw: bytes) -> list[Finding]:
+    """Runs in a spawned process: load the engine from the unpickled spec and scan."""
     return spec.load().scan_message(raw)[0]
 
 
@@ -317,6 +324,7 @@ class ScriptedClamd:
                 stream.read(size)
 
     def close(self) -> None:
+        """Wait for the scripted connections to finish and close the listener."""
         self.thread.join(timeout=10)
         self.listener.close()
 

@@ -39,7 +39,7 @@ class ClamdAddress:
 
     @classmethod
     def parse(cls, text: str) -> ClamdAddress:
-        """Parse ``unix:PATH`` or ``tcp://HOST:PORT``.
+        """Parse ``unix:PATH`` (also ``unix:///ABSOLUTE/PATH``) or ``tcp://HOST:PORT``.
 
         Raises ``UsageError`` on anything else (missing path, missing or invalid port, a
         user, path or query in the TCP form).
@@ -48,6 +48,8 @@ class ClamdAddress:
             path = text[len("unix:") :]
             if path.startswith("//"):
                 path = path[2:]
+                if not path.startswith("/"):
+                    raise UsageError(f"clamd address {text!r}: expected unix:///ABSOLUTE/PATH")
             if not path:
                 raise UsageError(f"clamd address {text!r}: no socket path after 'unix:'")
             return cls(path=path)
