@@ -252,7 +252,9 @@ class StateStore:
         except OSError as e:
             raise StateError(f"state {self.path}: cannot create its directory: {e.strerror}") from e
         with self._errors():
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000
+            )
             try:
                 self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
                 self._db.execute("PRAGMA journal_mode = WAL")
@@ -506,6 +508,7 @@ class StateStore:
         ``first_seen_run`` keeps the stored value (else the item's, else ``run_id``);
         ``last_scan_run`` is the item's, else ``run_id``. An item without ``action`` keeps the
         stored action while the version token is unchanged (a changed message has had none).
+        Items sharing one stamp dict object (the run's current stamp) are stored fastest.
         """
 
         def rows(stamp_ids: list[int]) -> Iterator[tuple]:

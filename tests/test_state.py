@@ -43,7 +43,7 @@ def msg(i: int, status: str = "clean", folder: str = "INBOX", mailbox: str = "al
         stamp=STAMP,
         status=status,
         findings=[FINDING] if status == "infected" else [],
-        problems=[{"code": "encrypted", "detail": "zip", "part": "2"}] if status == "partial" else [],
+        problems=[{"code": "encrypted", "detail": "zip", "part": "2"}] * (status == "partial"),
         first_seen_run=None,
         last_scan_run=None,
     )
@@ -295,7 +295,8 @@ def test_runs_history(store):
     store.end_run(r2, {"messages_seen": 1}, complete=False)
     r3 = store.begin_run({"version": "d3"}, ["imap://h"])
     last = store.last_complete_run()
-    assert (last["id"], last["definitions"], last["summary"]) == (r1, {"version": "d1"}, {"messages_seen": 3})
+    assert (last["id"], last["definitions"]) == (r1, {"version": "d1"})
+    assert last["summary"] == {"messages_seen": 3}
     assert last["sources"] == ["maildir:/srv/mail"] and last["start"] and last["end"]
     cur = store.last_run()
     assert (cur["id"], cur["end"], cur["summary"], cur["complete"]) == (r3, None, None, False)
