@@ -4,7 +4,10 @@ bare-path detection, and that scanning leaves every store untouched."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -178,7 +181,14 @@ MBOXRD = (
 )
 
 
-def test_mboxrd_unescapes_one_level_and_strips_separators(tmp_path):
+@pytest.fixture(params=["default-blocks", "tiny-blocks"])
+def block_size(request, monkeypatch):
+    """Run with the normal read size and with one so small that lines span reads."""
+    if request.param == "tiny-blocks":
+        monkeypatch.setattr(local, "_MBOX_CHUNK", 16)
+
+
+def test_mboxrd_unescapes_one_level_and_strips_separators(tmp_path, block_size):
     path = tmp_path / "inbox.mbox"
     path.write_bytes(MBOXRD)
     with open_source(f"mbox:{path}") as conn:
@@ -194,7 +204,7 @@ def test_mboxrd_unescapes_one_level_and_strips_separators(tmp_path):
     assert refs[0].version == hashlib.sha256(first).hexdigest()
 
 
-def test_mboxo_unescapes_only_single_gt(tmp_path):
+def test_mboxo_unescapes_only_single_gt(tmp_path, block_size):
     path = tmp_path / "old"
     path.write_bytes(MBOXRD)
     with open_source(f"mbox:{path}", SourceOptions(extra={"mbox_format": "mboxo"})) as conn:
@@ -212,7 +222,7 @@ def test_mbox_unknown_format_is_a_usage_error(tmp_path):
         open_source(f"mbox:{path}", SourceOptions(extra={"mbox_format": "mboxcl2"}))
 
 
-def test_mbox_crlf(tmp_path):
+def test_mbox_crlf(tmp_path, block_size):
     path = tmp_path / "crlf.mbox"
     msgs = [message(i, b">From escaped\r\n", eol=b"\r\n") for i in range(3)]
     path.write_bytes(b"".join(b"From x@y Sat Jan  1 00:00:00 2000\r\n" + m + b"\r\n" for m in msgs))
@@ -260,7 +270,7 @@ def test_large_mbox_is_streamed_and_fetch_returns_exact_bytes(tmp_path, monkeypa
         for m in msgs:
             offsets.append(f.tell())
             f.write(b"From someone Thu Jan  1 00:00:00 1970\n" + m + b"\n")
-    assert path.stat().st_size > 20 * local._MBOX_CHUNK
+    assert path.stat().st_size > 8 * local._MBOX_CHUNK
     real_open = local._open_readonly
     monkeypatch.setattr(local, "_open_readonly", lambda p: ReadRecorder(real_open(p)))
     ReadRecorder.largest = 0
@@ -269,13 +279,16 @@ def test_large_mbox_is_streamed_and_fetch_returns_exact_bytes(tmp_path, monkeypa
         assert [len(b) for b in batches] == [1000, 1000, 1000]
         refs = [r for b in batches for r in b]
         assert [int(r.id) for r in refs] == offsets
+        assert [(r.version, r.size) for r in refs] == [
+            (hashlib.sha256(m).hexdigest(), len(m)) for m in msgs
+        ]
         picked = [refs[0], refs[1234], refs[2999]]
         got = fetch_all(conn, picked)
     assert got == {str(offsets[i]): msgs[i] for i in (0, 1234, 2999)}
     assert ReadRecorder.largest <= local._MBOX_CHUNK
 
 
-def test_mbox_with_a_line_longer_than_a_read_chunk(tmp_path):
+def test_mbox_with_a_line_longer_than_a_read_chunk(tmp_path, block_size):
     path = tmp_path / "long"
     body = b"A" * (3 * local._MBOX_CHUNK + 17) + b"\n>From x\n"
     path.write_bytes(b"From a\n" + message(1, body) + b"\nFrom b\n" + message(2))
@@ -285,7 +298,7 @@ def test_mbox_with_a_line_longer_than_a_read_chunk(tmp_path):
     assert got == [message(1, body.replace(b">From", b"From")), message(2)]
 
 
-def test_rewritten_mbox_is_detected(tmp_path):
+def test_rewritten_mbox_is_detected(tmp_path, block_size):
     path = tmp_path / "box"
     path.write_bytes(MBOXRD)
     with open_source(f"mbox:{path}") as conn:
@@ -406,3 +419,35 @@ def test_scanning_changes_nothing(maildir, eml_tree, tmp_path):
             got = fetch_all(conn, refs)
             assert refs and all(isinstance(v, bytes) for v in got.values())
     assert snapshot(tmp_path) == before
+
+
+def reference_split(raw: bytes, mboxrd: bool) -> list[tuple[int, bytes]]:
+    """A plain line-by-line mbox splitter to check the block splitter against."""
+    escaped = re.compile(rb">+From " if mboxrd else rb">From ")
+    out: list[tuple[int, list[bytes]]] = []
+    pos, prev_blank = 0, True
+    for line in raw.splitlines(keepends=True):
+        if prev_blank and line.startswith(b"From "):
+            if out and out[-1][1] and out[-1][1][-1] in (b"\n", b"\r\n"):
+                out[-1][1].pop()
+            out.append((pos, []))
+        elif out:
+            out[-1][1].append(line[1:] if escaped.match(line) else line)
+        prev_blank = line in (b"\n", b"\r\n")
+        pos += len(line)
+    if out and out[-1][1] and out[-1][1][-1] in (b"\n", b"\r\n"):
+        out[-1][1].pop()
+    return [(offset, b"".join(lines)) for offset, lines in out]
+
+
+@pytest.mark.parametrize("chunk", [8, 13, 32, 100, 4096])
+def test_block_splitter_agrees_with_a_line_splitter(chunk, monkeypatch):
+    rng = random.Random(chunk)
+    pieces = [b"\n", b"\r\n", b"From x\n", b">From y\n", b">>From z\r\n", b"text line\n",
+              b"A" * 40 + b"\n", b"From ", b">", b"x", b"\n\n", b"From a b\n"]
+    raw = b"From start\n" + b"".join(rng.choice(pieces) for _ in range(3000))
+    monkeypatch.setattr(local, "_MBOX_CHUNK", chunk)
+    for fmt, mboxrd in (("mboxrd", True), ("mboxo", False)):
+        got = list(local.mbox_messages(io.BytesIO(raw), fmt, keep=True))
+        assert [(m.offset, m.data) for m in got] == reference_split(raw, mboxrd)
+        assert all(m.digest == hashlib.sha256(m.data).hexdigest() for m in got)
