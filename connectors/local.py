@@ -4,7 +4,8 @@ Sources: ``maildir:PATH``, ``mbox:PATH``, ``eml:PATH``, or a bare path that is a
 (registered under the pseudo-scheme ``local``). Every store here is one mailbox.
 
 Scanning changes nothing: files are opened read-only, nothing is renamed, moved from ``new/``
-to ``cur/`` or written. Enumeration of Maildir and .eml stores only stats files; mbox
+to ``cur/`` or written. Only the Maildir actions (quarantine, delete) write, and only when
+asked. Enumeration of Maildir and .eml stores only stats files; mbox
 enumeration streams the file once, line by line, hashing each message as it goes.
 
 OS errors are translated into ``rescan.errors`` at one boundary, ``map_local_errors()``.
@@ -21,8 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
-from connectors.base import Connector, SourceOptions, register, scheme_of
-from rescan.errors import FetchError, SourceError, UsageError
+from connectors.base import ActionResult, Connector, SourceOptions, register, scheme_of
+from rescan.errors import ActionError, FetchError, SourceError, UsageError
 from rescan.models import MessageRef
 
 INBOX = "INBOX"
@@ -216,16 +217,20 @@ class MaildirConnector(_LocalConnector):
         ``new/`` to ``cur/`` or its flags changed; a vanished message yields FetchError."""
         relisted: set[str] = set()
         for ref in refs:
-            yield ref, self._read(ref, relisted)
+            found = self._read(ref, relisted)
+            yield ref, found if isinstance(found, FetchError) else found[1]
 
-    def _read(self, ref: MessageRef, relisted: set[str]) -> bytes | FetchError:
+    def _read(self, ref: MessageRef, relisted: set[str]) -> tuple[str, bytes] | FetchError:
+        """(path, bytes) of the message of ``ref``; lists its folder again (once per call,
+        tracked in ``relisted``) when the file moved since it was last listed."""
         base = self._folder_dir(ref.folder)
         while True:
             rel = self._where.get(ref.folder, {}).get(ref.id)
             if rel is not None:
+                path = os.path.join(base, rel)
                 try:
-                    with _open_readonly(os.path.join(base, rel)) as f:
-                        return f.read()
+                    with _open_readonly(path) as f:
+                        return path, f.read()
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
@@ -237,6 +242,95 @@ class MaildirConnector(_LocalConnector):
                 self._where[ref.folder] = {u: r for u, r, _ in self._list(ref.folder)}
             except SourceError as exc:
                 return FetchError(f"{ref.folder}/{ref.id}: {exc}")
+
+    def quarantine(self, refs: Sequence[MessageRef], folder: str) -> list[ActionResult]:
+        """Move each message into Maildir++ ``folder`` (created when missing): write a copy
+        into its ``tmp/``, fsync it, verify its sha256, link it into ``cur/`` under the same
+        file name, and only then remove the original. On any failure the original stays.
+
+        Returns one ActionResult per ref. Raises ActionError for a bad folder name or when
+        the folder cannot be created."""
+        if not folder or folder == INBOX or "/" in folder or folder.startswith("."):
+            raise ActionError(f"{self.path}: {folder!r} is not a Maildir++ folder name")
+        target = self._folder_dir(folder)
+        try:
+            for sub in ("cur", "new", "tmp"):
+                os.makedirs(os.path.join(target, sub), exist_ok=True)
+            with open(os.path.join(target, "maildirfolder"), "ab"):
+                pass
+        except OSError as exc:
+            raise ActionError(f"{target}: {exc.strerror or exc}") from None
+        relisted: set[str] = set()
+        return [self._move(ref, folder, target, relisted) for ref in refs]
+
+    def delete(self, refs: Sequence[MessageRef], hard: bool = False) -> list[ActionResult]:
+        """Move each message to the ``Trash`` folder, or with ``hard`` remove its file.
+
+        Returns one ActionResult per ref; a message that cannot be found is not ok."""
+        if not hard:
+            return self.quarantine(refs, "Trash")
+        results = []
+        relisted: set[str] = set()
+        for ref in refs:
+            found = self._read(ref, relisted)
+            try:
+                if isinstance(found, FetchError):
+                    raise found
+                os.unlink(found[0])
+                results.append(ActionResult(ref, True, "deleted"))
+            except (OSError, FetchError) as exc:
+                results.append(ActionResult(ref, False, f"not deleted: {exc}"))
+        return results
+
+    def _move(self, ref: MessageRef, folder: str, target: str, relisted: set[str]) -> ActionResult:
+        if ref.folder == folder:
+            return ActionResult(ref, False, f"already in {folder}")
+        found = self._read(ref, relisted)
+        if isinstance(found, FetchError):
+            return ActionResult(ref, False, f"not moved: {found}")
+        src, data = found
+        name = os.path.basename(src)
+        tmp = os.path.join(target, "tmp", name)
+        dst = os.path.join(target, "cur", name if ":" in name else name + ":2,")
+        made: list[str] = []
+        try:
+            _write_synced(tmp, data)
+            made.append(tmp)
+            with _open_readonly(tmp) as f:
+                if hashlib.sha256(f.read()).digest() != hashlib.sha256(data).digest():
+                    raise OSError("the copy differs from the original")
+            os.link(tmp, dst)  # fails rather than overwrite a message already there
+            made.append(dst)
+            _fsync_dir(os.path.dirname(dst))
+            os.unlink(src)
+            _fsync_dir(os.path.dirname(src))
+        except OSError as exc:
+            for path in made:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            return ActionResult(ref, False, f"not moved, original kept: {exc.strerror or exc}")
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return ActionResult(ref, True, f"moved to {folder}", new_id=ref.id)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Create ``path`` (never overwriting) holding ``data``, flushed to disk."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- mbox ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 
 import connectors.local as local
 from connectors.base import SourceOptions, open_source
-from rescan.errors import FetchError, SourceError, UsageError
+from rescan.errors import ActionError, FetchError, SourceError, UsageError
 
 
 def message(n: int, body: bytes = b"", eol: bytes = b"\n") -> bytes:
@@ -451,3 +451,61 @@ def test_block_splitter_agrees_with_a_line_splitter(chunk, monkeypatch):
         got = list(local.mbox_messages(io.BytesIO(raw), fmt, keep=True))
         assert [(m.offset, m.data) for m in got] == reference_split(raw, mboxrd)
         assert all(m.digest == hashlib.sha256(m.data).hexdigest() for m in got)
+
+
+# --- Maildir actions ----------------------------------------------------------------------
+
+
+def test_maildir_quarantine_copies_verifies_then_removes(maildir):
+    with open_source(f"maildir:{maildir}") as conn:
+        refs = all_refs(conn, "INBOX")
+        results = conn.quarantine(refs[:1], "Quarantine")
+        assert [(r.ok, r.new_id) for r in results] == [(True, refs[0].id)]
+        assert not (maildir / "new" / refs[0].id).exists()
+        assert (maildir / ".Quarantine" / "maildirfolder").exists()
+        assert "Quarantine" in conn.folders("alice")
+        (moved,) = all_refs(conn, "Quarantine")
+        assert moved.id == refs[0].id and moved.version == refs[0].version
+        assert fetch_all(conn, [moved]) == {moved.id: message(1)}
+        assert not list((maildir / ".Quarantine" / "tmp").iterdir())
+        assert [r.id for r in all_refs(conn, "INBOX")] == [refs[1].id]
+
+
+@pytest.mark.parametrize("failure", ["link", "verify"])
+def test_maildir_quarantine_failure_keeps_the_original(failure, maildir, monkeypatch):
+    with open_source(f"maildir:{maildir}") as conn:
+        refs = all_refs(conn, "INBOX")
+        if failure == "link":
+            def refuse(*a):
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(local.os, "link", refuse)
+        else:
+            real = local._write_synced
+            monkeypatch.setattr(local, "_write_synced", lambda p, d: real(p, d[:-1]))
+        results = conn.quarantine(refs, "Quarantine")
+        assert [r.ok for r in results] == [False, False]
+        assert all("original kept" in r.detail for r in results)
+        monkeypatch.undo()
+        assert fetch_all(conn, all_refs(conn, "INBOX")) == fetch_all(conn, refs)
+        assert len(fetch_all(conn, refs)) == 2
+        assert not list((maildir / ".Quarantine" / "cur").iterdir())
+        assert not list((maildir / ".Quarantine" / "tmp").iterdir())
+
+
+def test_maildir_delete_soft_and_hard(maildir):
+    with open_source(f"maildir:{maildir}") as conn:
+        first, second = all_refs(conn, "INBOX")
+        assert [r.ok for r in conn.delete([first])] == [True]
+        assert [r.id for r in all_refs(conn, "Trash")] == [first.id]
+        assert [r.ok for r in conn.delete([second], hard=True)] == [True]
+        assert all_refs(conn, "INBOX") == []
+        assert [r.ok for r in conn.delete([second], hard=True)] == [False]
+        with pytest.raises(ActionError):
+            conn.quarantine([first], "../elsewhere")
+
+
+def test_other_local_stores_cannot_act(eml_tree):
+    with open_source(f"eml:{eml_tree}") as conn:
+        with pytest.raises(ActionError):
+            conn.quarantine(all_refs(conn), "Quarantine")
