@@ -14,6 +14,7 @@ from rescan.engines import Engine, EngineSpec
 from rescan.extract import extract
 from rescan.models import Finding, Limits, Part, Problem, Verdict
 
+CACHE_MIN_SIZE = 1024  # smaller parts (and the header block) are unique per message: not cached
 _engines: list[Engine] = []
 _cache = None  # a read-only verdict cache (rescan.state.CacheReader) or None
 
@@ -40,6 +41,8 @@ def init_worker(specs: list[EngineSpec], cache_path: str | None = None) -> None:
 def _scan_part(
     part: Part, components: Collection[str] | None, cache_key: str | None
 ) -> tuple[list[Finding], list[Problem], tuple | None]:
+    if part.path == "headers" or part.size < CACHE_MIN_SIZE:
+        cache_key = None
     if _cache is not None and cache_key:
         hit = _cache.get(part.sha256, cache_key)
         if hit is not None:

@@ -689,3 +689,28 @@ class StateStore:
                 " VALUES (?, ?, ?)",
                 ((sha, fp, _dumps(findings)) for sha, fp, findings in rows),
             )
+
+
+class CacheReader:
+    """Read-only access to the verdict cache, for worker processes (one per process).
+
+    Opened lazily with ``mode=ro``; a state file that does not exist yet, or any SQLite error,
+    reads as a cache miss: the part is then simply scanned.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+
+    def get(self, sha256: str, component_fp: str) -> list[dict] | None:
+        """Cached findings for one part and component-set fingerprint, or None on a miss."""
+        try:
+            if self._db is None:
+                self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+            row = self._db.execute(
+                "SELECT findings FROM verdict_cache WHERE component_fp = ? AND sha256 = ?",
+                (component_fp, sha256),
+            ).fetchone()
+        except sqlite3.Error:
+            return None
+        return _loads_list(row[0]) if row else None
