@@ -23,6 +23,7 @@ import contextlib
 import fnmatch
 import ipaddress
 import logging
+import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from threading import Lock
@@ -51,7 +52,7 @@ from exchangelib.folders import Folder, FolderCollection
 from exchangelib.items import HARD_DELETE
 from exchangelib.properties import ItemId
 from exchangelib.protocol import BaseProtocol
-from oauthlib.oauth2 import OAuth2Token
+from oauthlib.oauth2 import OAuth2Error, OAuth2Token
 
 from connectors.base import ActionResult, Connector, SourceOptions, register
 from rescan.errors import AuthError, FetchError, RescanError, SourceError, TransientError, UsageError
@@ -88,7 +89,7 @@ def map_ews_errors(where: str) -> Iterator[None]:
         yield
     except RescanError:
         raise
-    except _AUTH as e:
+    except (*_AUTH, OAuth2Error) as e:
         raise AuthError(f"{where}: credentials or permissions refused ({type(e).__name__})") from None
     except ex.ErrorServerBusy as e:
         # exchangelib also raises ErrorServerBusy for its own connection faults; only the
@@ -223,6 +224,10 @@ class EWSConnector(Connector):
                 raise UsageError(f"{self.source}: auth must be basic or ntlm, not {kind!r}")
             creds = Credentials(self.user, o.password.reveal())
             auth = BASIC if kind == "basic" else NTLM
+        if auth == OAUTH2 and http == "http" and not os.environ.get("OAUTHLIB_INSECURE_TRANSPORT"):
+            raise UsageError(
+                f"{self.source}: OAuth2 needs https (for a loopback test server set OAUTHLIB_INSECURE_TRANSPORT=1)"
+            )
         if self.autodiscover:
             return Configuration(credentials=creds, auth_type=auth, retry_policy=FailFast(),
                                  max_connections=self.max_connections)

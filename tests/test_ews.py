@@ -295,3 +295,18 @@ def test_ews_server_by_hand_serves_a_maildir(tmp_path):
         proc.wait(10)
     assert counts == {"Inbox": 3, "Archive": 2, "Archive/2023": 1}
     assert fetched == [message(0, ".Archive.2023")]
+
+
+def test_ews_bearer_token(monkeypatch):
+    with pytest.raises(UsageError, match="https"):
+        open_source("ews+http://alice@127.0.0.1:1/EWS/Exchange.asmx", SourceOptions(token=Secret("t")))
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # plain HTTP to the loopback test server
+    server = EWSTestServer(users={"alice": "unused"}, tokens=("token-abc",)).start()
+    try:
+        server.seed("alice", "Inbox", message(1))
+        with open_source(server.source("alice"), SourceOptions(token=Secret("token-abc"))) as conn:
+            assert [raw for _, raw in conn.fetch(refs_of(conn, "alice@127.0.0.1", "Inbox"))] == [message(1)]
+        with pytest.raises(AuthError):
+            open_source(server.source("alice"), SourceOptions(token=Secret("expired"))).folders("alice@127.0.0.1")
+    finally:
+        server.stop()

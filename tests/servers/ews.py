@@ -2,7 +2,7 @@
 
 It speaks the SOAP schema of the operations the EWS connector uses (GetFolder, FindFolder,
 FindItem with IndexedPageItemView paging, GetItem with MimeContent, CreateFolder, MoveItem,
-UpdateItem, DeleteItem, CreateItem for seeding, SyncFolderItems), with responses shaped as in
+UpdateItem, DeleteItem, CreateItem for seeding), with responses shaped as in
 Microsoft's EWS reference examples. Mailboxes live in memory; basic auth (and bearer tokens)
 guard them. Switches inject faults: ``ErrorServerBusy`` with ``BackOffMilliseconds`` for one
 mailbox, HTTP 500, dropped connections, and an item moved just before the next GetItem.
@@ -157,7 +157,7 @@ class EWSTestServer:
         self._httpd = ThreadingHTTPServer((self.host, self.port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -533,20 +533,6 @@ class EWSTestServer:
             return f'<m:Folders><t:Folder><t:FolderId Id="{fid}" ChangeKey="AQAAAB000001"/></t:Folder></m:Folders>'
 
         return self._messages("CreateFolder", self._each(list(body.find(f"{{{M}}}Folders")), create))
-
-    def _op_SyncFolderItems(self, body: ET.Element, mailbox: str) -> str:
-        """Every item as a Create change (the state is a plain list of ids seen before)."""
-        folder = self._resolve_folder(list(body.find(f"{{{M}}}SyncFolderId"))[0], mailbox)
-        old = set(filter(None, base64.b64decode(body.findtext(f"{{{M}}}SyncState") or "").decode().split(",")))
-        now = [i for i in self.items.values() if i.folder_id == folder.id]
-        changes = "".join(f"<t:Create>{self._item_xml(i, False)}</t:Create>" for i in now if i.id not in old)
-        changes += "".join(f'<t:Delete><t:ItemId Id="{i}"/></t:Delete>' for i in sorted(old - {i.id for i in now}))
-        state = base64.b64encode(",".join(i.id for i in now).encode()).decode()
-        return self._messages(
-            "SyncFolderItems",
-            [f"<m:SyncState>{state}</m:SyncState><m:IncludesLastItemInRange>true</m:IncludesLastItemInRange>"
-             f"<m:Changes>{changes}</m:Changes>"],
-        )
 
 
 def _envelope(body: str) -> bytes:
