@@ -16,8 +16,10 @@ Anything not reached (a limit, an encrypted or unsupported archive, malformed MI
 
 from __future__ import annotations
 
+import binascii
 import email
 import hashlib
+import quopri
 import re
 from email.generator import BytesGenerator
 from email.header import decode_header, make_header
@@ -136,6 +138,11 @@ class _Walker:
             if ent.get_content_maintype() != "message":
                 for i, child in enumerate(payload, 1):
                     yield from self._entity(child, sections + [i], prefix, depth)
+                return
+            encoded = _encoded_message(ent, payload)
+            if encoded is not None:  # a base64 or quoted-printable message/rfc822 (RFC 2046 forbids it; mailers do it)
+                filename = _filename(ent) or "message.eml"
+                yield from self._emit(_join(prefix, section, filename), "message/rfc822", filename, encoded, depth)
                 return
             if ent.get_content_subtype() != "delivery-status" and payload:
                 yield from self._nested(ent, payload[0], section, prefix, depth)
@@ -264,6 +271,22 @@ def _payload_bytes(ent: Message) -> bytes:
     if isinstance(payload, str):  # compat32 keeps undecodable bytes as surrogate escapes
         return payload.encode("utf-8", "surrogateescape")
     return b""
+
+
+def _encoded_message(ent: Message, payload: list) -> bytes | None:
+    """The decoded bytes of a message/* entity sent with a base64 or quoted-printable
+    transfer encoding (which the parser cannot see through), else None."""
+    cte = str(ent.get("content-transfer-encoding", "")).strip().lower()
+    if cte not in ("base64", "quoted-printable") or not payload:
+        return None
+    text = b"".join(_flatten(p) for p in payload)
+    if cte == "quoted-printable":
+        return quopri.decodestring(text)
+    data = b"".join(text.split())
+    try:
+        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+    except binascii.Error:
+        return data  # not base64 after all: scan the text as it is
 
 
 def _flatten(msg: Message) -> bytes:
