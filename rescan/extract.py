@@ -119,7 +119,7 @@ class _Walker:
                 yield from self._emit(_join(prefix, "1"), "text/plain", None, body, depth)
                 return
         if harvest:
-            self.budget.passwords = _unique(self.budget.passwords + password_hints(msg))
+            self.budget.add_passwords(password_hints(msg))
         yield from self._entity(msg, [], prefix, depth)
 
     def _entity(self, ent: Message, sections: list[int], prefix: str,
@@ -175,12 +175,14 @@ class _Walker:
             self.budget.problem("malformed", f"MIME: {type(defect).__name__}", where)
         return data if isinstance(data, bytes) else _payload_bytes(ent)
 
-    def _emit(self, path: str, ctype: str, filename: str | None, data: bytes,
+    def _emit(self, path: str, ctype: str | None, filename: str | None, data: bytes,
               depth: int) -> Iterator[Part]:
+        """Yield one part (typed by content when ``ctype`` is None), then, if its content is
+        a container, its members."""
         if not self.budget.admit(path, len(data)):
             return
-        yield _part(path, ctype, filename, data)
         kind = sniff(data)
+        yield _part(path, ctype or detect_type(data, kind), filename, data)
         if kind is None:
             return
         if depth + 1 > self.limits.max_recursion:
@@ -191,7 +193,7 @@ class _Walker:
             return
         try:
             for name, body in READERS[kind](data, path, filename, self.budget):
-                yield from self._emit(f"{path}/{name}", detect_type(body), name, body, depth + 1)
+                yield from self._emit(f"{path}/{name}", None, name, body, depth + 1)
         except Exception as e:  # one boundary for every archive library's errors
             self.budget.problem("malformed", f"{kind}: {type(e).__name__}: {str(e)[:120]}", path)
 
@@ -220,7 +222,7 @@ def password_hints(msg: Message) -> list[str]:
     for text in texts:
         for m in _PASSWORD_HINT.finditer(text):
             words = [w for w in m.group(1).split() if w.strip(_PUNCT).lower() not in _HINT_FILLER]
-            for word in words[:3]:
+            for word in words[:2]:
                 found += [word.strip(_PUNCT), word]
     return _unique([w for w in found if w])
 
