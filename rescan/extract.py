@@ -65,9 +65,12 @@ class Extraction:
         self._limits = limits
         self._passwords = tuple(passwords)
         self.problems = []
-        headers = BytesHeaderParser(policy=compat32).parsebytes(split_headers(raw)[0])
-        self.message_id = _header_text(headers.get("message-id"))
-        self.subject = _header_text(headers.get("subject"))
+        try:
+            headers = BytesHeaderParser(policy=compat32).parsebytes(split_headers(raw)[0])
+            self.message_id = _header_text(headers.get("message-id"))
+            self.subject = _header_text(headers.get("subject"))
+        except Exception:  # unreadable headers: the parts are still extracted and scanned
+            self.message_id = self.subject = None
 
     def __iter__(self) -> Iterator[Part]:
         self.problems.clear()
@@ -118,9 +121,12 @@ class _Walker:
                 self.budget.problem("malformed", f"MIME: {type(e).__name__}", prefix or None)
                 yield from self._emit(_join(prefix, "1"), "text/plain", None, body, depth)
                 return
-        if harvest:
-            self.budget.add_passwords(password_hints(msg))
-        yield from self._entity(msg, [], prefix, depth)
+        try:
+            if harvest:
+                self.budget.add_passwords(password_hints(msg))
+            yield from self._entity(msg, [], prefix, depth)
+        except Exception as e:  # a structure the email package cannot walk: keep what we have
+            self.budget.problem("malformed", f"MIME: {type(e).__name__}", prefix or None)
 
     def _entity(self, ent: Message, sections: list[int], prefix: str,
                 depth: int) -> Iterator[Part]:

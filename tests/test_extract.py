@@ -32,10 +32,6 @@ def eicar_paths(parts: dict) -> list[str]:
     return sorted(path for path, p in parts.items() if p.data == EICAR)
 
 
-def codes(x) -> list[str]:
-    return [p.code for p in x.problems]
-
-
 # --- MIME -----------------------------------------------------------------------------------
 
 
