@@ -67,9 +67,12 @@ class Extraction:
         self._limits = limits
         self._passwords = tuple(passwords)
         self.problems = []
-        headers = BytesHeaderParser(policy=compat32).parsebytes(split_headers(raw)[0])
-        self.message_id = _header_text(headers.get("message-id"))
-        self.subject = _header_text(headers.get("subject"))
+        try:
+            headers = BytesHeaderParser(policy=compat32).parsebytes(split_headers(raw)[0])
+            self.message_id = _header_text(headers.get("message-id"))
+            self.subject = _header_text(headers.get("subject"))
+        except Exception:  # unreadable headers: the parts are still extracted and scanned
+            self.message_id = self.subject = None
 
     def __iter__(self) -> Iterator[Part]:
         self.problems.clear()
@@ -120,9 +123,12 @@ class _Walker:
                 self.budget.problem("malformed", f"MIME: {type(e).__name__}", prefix or None)
                 yield from self._emit(_join(prefix, "1"), "text/plain", None, body, depth)
                 return
-        if harvest:
-            self.budget.passwords = _unique(self.budget.passwords + password_hints(msg))
-        yield from self._entity(msg, [], prefix, depth)
+        try:
+            if harvest:
+                self.budget.add_passwords(password_hints(msg))
+            yield from self._entity(msg, [], prefix, depth)
+        except Exception as e:  # a structure the email package cannot walk: keep what we have
+            self.budget.problem("malformed", f"MIME: {type(e).__name__}", prefix or None)
 
     def _entity(self, ent: Message, sections: list[int], prefix: str,
                 depth: int) -> Iterator[Part]:
@@ -182,12 +188,14 @@ class _Walker:
             self.budget.problem("malformed", f"MIME: {type(defect).__name__}", where)
         return data if isinstance(data, bytes) else _payload_bytes(ent)
 
-    def _emit(self, path: str, ctype: str, filename: str | None, data: bytes,
+    def _emit(self, path: str, ctype: str | None, filename: str | None, data: bytes,
               depth: int) -> Iterator[Part]:
+        """Yield one part (typed by content when ``ctype`` is None), then, if its content is
+        a container, its members."""
         if not self.budget.admit(path, len(data)):
             return
-        yield _part(path, ctype, filename, data)
         kind = sniff(data)
+        yield _part(path, ctype or detect_type(data, kind), filename, data)
         if kind is None:
             return
         if depth + 1 > self.limits.max_recursion:
@@ -198,7 +206,7 @@ class _Walker:
             return
         try:
             for name, body in READERS[kind](data, path, filename, self.budget):
-                yield from self._emit(f"{path}/{name}", detect_type(body), name, body, depth + 1)
+                yield from self._emit(f"{path}/{name}", None, name, body, depth + 1)
         except Exception as e:  # one boundary for every archive library's errors
             self.budget.problem("malformed", f"{kind}: {type(e).__name__}: {str(e)[:120]}", path)
 
@@ -227,7 +235,7 @@ def password_hints(msg: Message) -> list[str]:
     for text in texts:
         for m in _PASSWORD_HINT.finditer(text):
             words = [w for w in m.group(1).split() if w.strip(_PUNCT).lower() not in _HINT_FILLER]
-            for word in words[:3]:
+            for word in words[:2]:
                 found += [word.strip(_PUNCT), word]
     return _unique([w for w in found if w])
 
