@@ -108,6 +108,7 @@ class Budget:
         self.files = 0
         self.bytes = 0
         self.full = False  # the file limit was hit: nothing more is read or yielded
+        self.decrypted: set[str] = set()  # member paths opened with a password
 
     def add_passwords(self, passwords: Sequence[str]) -> None:
         """Append password candidates (duplicates dropped, at most ``MAX_PASSWORDS`` kept)."""
@@ -331,6 +332,7 @@ def _zip_decrypt(zf: zipfile.ZipFile, info: zipfile.ZipInfo, mpath: str, budget:
             continue
         if body is not None or len(budget.problems) > problems_before:
             good.insert(0, pw)
+            budget.decrypted.add(mpath)
             return body
     budget.problem("encrypted", "zip: no known password opens it", mpath)
     return None
@@ -453,6 +455,8 @@ def sevenzip_members(data: bytes, path: str, filename: str | None,
                 raise
             del budget.problems[problems_before:]
             continue
+        if pw is not None:
+            budget.decrypted.update(f"{path}/{name}" for name, _ in members)
         yield from members
         return
     budget.problem("encrypted", "7z: no known password opens it", path)

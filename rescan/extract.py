@@ -167,7 +167,7 @@ class _Walker:
         data = _flatten(sub)
         if not self.budget.admit(path, len(data)):
             return
-        yield _part(path, "message/rfc822", filename, data)
+        yield _part(path, "message/rfc822", filename, data, self._decrypted(path))
         if depth + 1 > self.limits.max_recursion:
             self._too_deep(path)
             return
@@ -195,7 +195,7 @@ class _Walker:
         if not self.budget.admit(path, len(data)):
             return
         kind = sniff(data)
-        yield _part(path, ctype or detect_type(data, kind), filename, data)
+        yield _part(path, ctype or detect_type(data, kind), filename, data, self._decrypted(path))
         if kind is None:
             return
         if depth + 1 > self.limits.max_recursion:
@@ -209,6 +209,10 @@ class _Walker:
                 yield from self._emit(f"{path}/{name}", None, name, body, depth + 1)
         except Exception as e:  # one boundary for every archive library's errors
             self.budget.problem("malformed", f"{kind}: {type(e).__name__}: {str(e)[:120]}", path)
+
+    def _decrypted(self, path: str) -> bool:
+        """True for a member of an archive opened with a password, at any depth below it."""
+        return any(path == d or path.startswith(d + "/") for d in self.budget.decrypted)
 
     def _too_deep(self, path: str) -> None:
         self.budget.problem(
@@ -250,8 +254,8 @@ def _known_charset(charset: str | None) -> bool:
         return False
 
 
-def _part(path: str, ctype: str, filename: str | None, data: bytes) -> Part:
-    return Part(path, ctype, filename, len(data), hashlib.sha256(data).hexdigest(), data)
+def _part(path: str, ctype: str, filename: str | None, data: bytes, decrypted: bool = False) -> Part:
+    return Part(path, ctype, filename, len(data), hashlib.sha256(data).hexdigest(), data, decrypted)
 
 
 def _join(*pieces: str | None) -> str:
