@@ -170,6 +170,8 @@ class _Session:
         self.folder: str | None = None
         self.readonly = True
         self.uidvalidity = 0
+        self.uidnext: int | None = None
+        self.exists = 0
 
     def select(self, folder: str, readonly: bool = True) -> int:
         """Open ``folder`` (EXAMINE when ``readonly``) unless already open so; its UIDVALIDITY."""

@@ -19,7 +19,8 @@ from connectors.imap import (
     map_imap_errors,
     password_allowed,
 )
-from rescan.errors import AuthError, SourceError, TransientError, UsageError
+from rescan.errors import AuthError, FetchError, SourceError, TransientError, UsageError
+from rescan.models import MessageRef
 from rescan.secret import Secret
 from tests.servers.dovecot import (  # noqa: F401  (fixtures)
     MASTERS,
@@ -127,6 +128,61 @@ def test_library_errors_are_translated_at_one_boundary():
         assert info.value.__cause__ is None and str(info.value).startswith("imap://x@h:")
 
 
+class _FakeSession:
+    """Answers UID FETCH from a script: each call returns the next dict or raises it."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.asked: list[str] = []
+
+    def select(self, folder, readonly=True):
+        return 7
+
+    def uid_fetch(self, uid_set, items):
+        self.asked.append(uid_set)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _with_session(session) -> ImapConnector:
+    conn = ImapConnector("imap://alice@127.0.0.1", SourceOptions(password=Secret("x")))
+    conn._session = lambda mailbox: session
+    conn.backoff = 0
+    return conn
+
+
+def _ref(uid: int) -> MessageRef:
+    return MessageRef("imap://alice@127.0.0.1", "alice", "INBOX", str(uid), f"7:{uid}", 10)
+
+
+def test_fetch_refetches_uids_an_unsolicited_response_left_out():
+    session = _FakeSession([
+        {1: {b"BODY[]": b"one"}, 2: {b"FLAGS": (b"\\Seen",)}, 99: {b"FLAGS": ()}},
+        {2: {b"BODY[]": b"two"}},
+    ])
+    got = dict((r.id, v) for r, v in _with_session(session).fetch([_ref(1), _ref(2)]))
+    assert got == {"1": b"one", "2": b"two"} and session.asked == ["1:2", "2"]
+
+
+def test_fetch_gives_up_on_a_uid_that_never_comes():
+    session = _FakeSession([{1: {b"BODY[]": b"one"}}, {}])
+    got = dict((r.id, v) for r, v in _with_session(session).fetch([_ref(1), _ref(2)]))
+    assert got["1"] == b"one" and isinstance(got["2"], FetchError)
+
+
+def test_fetch_retries_a_dropped_connection_then_reports_the_batch():
+    drop = imaplib.IMAP4.abort("socket error: EOF")
+    session = _FakeSession([drop, {1: {b"BODY[]": b"one"}, 2: {b"BODY[]": b"two"}}])
+    got = dict((r.id, v) for r, v in _with_session(session).fetch([_ref(1), _ref(2)]))
+    assert got == {"1": b"one", "2": b"two"}
+    session = _FakeSession([drop] * 4)
+    got = dict((r.id, v) for r, v in _with_session(session).fetch([_ref(1), _ref(2)]))
+    assert all(isinstance(v, FetchError) and "connection lost" in str(v) for v in got.values())
+    assert len(session.asked) == 4  # one try and three reconnects
+
+
 # -- against a real Dovecot -------------------------------------------------------------
 
 
@@ -160,6 +216,13 @@ def test_refs_in_windows_and_fetch_returns_exact_bytes(dovecot):
     for r in refs:
         expected = seeded[r.folder][int(r.id) - 1]
         assert got[r.key] == expected and r.size == len(expected)
+
+
+def test_a_missing_folder_is_a_source_error(dovecot):
+    with connect(dovecot.url()) as conn:
+        with pytest.raises(SourceError, match="Nope"):
+            list(conn.refs("alice", "Nope"))
+        assert conn.folders("alice") == ["INBOX"]  # the connection is still usable
 
 
 def test_scanning_changes_no_flag_and_no_count(dovecot):
