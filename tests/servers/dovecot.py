@@ -255,7 +255,7 @@ def dovecot_tls(dovecot_factory) -> DovecotServer:
     return dovecot_factory(tls=True)
 
 
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+from tests.mailgen import EICAR  # noqa: E402
 
 # folder -> number of messages; "Archive" itself is \Noselect (only Archive/2024 is created).
 LAYOUT = {"INBOX": 6, "Archive/2024": 4, "Work": 3}
