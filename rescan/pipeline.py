@@ -236,6 +236,8 @@ class Pipeline:
             detail = str(exc)
         else:
             detail = "not returned by the store"
+        if self.stop.is_set():
+            return  # stopped: what was not fetched is left for the next run
         for ref, plan in to_fetch:  # nothing is silently skipped
             if ref.key not in seen:
                 self._q.put(("record", Record(ref, error_verdict("fetch", detail), plan.was_clean_or_unknown, False, plan)))
@@ -246,12 +248,17 @@ class Pipeline:
         fetchers = [threading.Thread(target=self._fetch_connector, args=(c,), daemon=True) for c in self.connectors]
         for t in fetchers:
             t.start()
-        in_flight = 0
+        in_flight: set[Future] = set()
+        cancelled = False
         while True:
+            if self.stop.is_set() and not cancelled:  # scans not started are left for the next run
+                cancelled = True
+                for fut in list(in_flight):
+                    fut.cancel()
             try:
                 item = self._q.get(timeout=0.2)
             except queue.Empty:
-                if in_flight == 0 and not any(t.is_alive() for t in fetchers) and self._q.empty():
+                if not in_flight and not any(t.is_alive() for t in fetchers) and self._q.empty():
                     break
                 continue
             kind = item[0]
@@ -259,23 +266,27 @@ class Pipeline:
                 yield item[1]
             elif kind == "scan":
                 _, ref, raw, plan = item
-                in_flight += 1
-                self._submit(ref, raw, plan)
+                if self.stop.is_set():
+                    self.budget.release(len(raw))
+                else:
+                    in_flight.add(self._submit(ref, raw, plan))
             elif kind == "result":
                 _, ref, size, plan, fut = item
-                in_flight -= 1
+                in_flight.discard(fut)
                 self.budget.release(size)
-                yield self._record(ref, plan, fut)
+                if not fut.cancelled():
+                    yield self._record(ref, plan, fut)
         for t in fetchers:
             t.join()
         if self.fatal is not None:
             raise self.fatal
 
-    def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> None:
+    def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> Future:
         comps = plan.components if plan.kind == "delta" else None
         fut = self.executor.submit(scan_message, raw, comps, self.limits, self.cache_key_of(comps), self.passwords)
         size = len(raw)
         fut.add_done_callback(lambda f: self._q.put(("result", ref, size, plan, f)))
+        return fut
 
     def _record(self, ref: MessageRef, plan: Plan, fut: Future) -> Record:
         try:
