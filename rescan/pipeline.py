@@ -47,6 +47,7 @@ class Record:
     scanned: bool  # scanned in this run (False: its stamp was current)
     plan: Plan = field(default_factory=lambda: Plan("full"))
     cache_rows: tuple = ()
+    parts_from_cache: int = 0  # parts answered by the verdict cache instead of an engine
 
 
 class Planner(Protocol):
@@ -304,7 +305,7 @@ class Pipeline:
         if plan.kind == "delta" and plan.previous is not None:
             verdict = merge_delta(plan.previous, verdict, plan.components or ())
         new = verdict.status is not Status.CLEAN and plan.was_clean_or_unknown
-        return Record(ref, verdict, new, True, plan, result.cache_rows)
+        return Record(ref, verdict, new, True, plan, result.cache_rows, result.parts_from_cache)
 
 
 def merge_delta(previous: Verdict, delta: Verdict, components: Sequence[str]) -> Verdict:
