@@ -190,6 +190,6 @@ def show_status(state: str | None, rules: list[str], fmt: str) -> None:
         print(
             f"{r['source']} {r['mailbox']}: {r['messages']} messages, "
             f"{r['coverage']:.1f}% scanned with current definitions, {r['infected']} infected, "
-            f"last scanned {r.get('last_run') or '-'}"
+            f"last scanned {r.get('last_scan') or '-'}"
         )
     sys.stdout.flush()
