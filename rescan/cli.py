@@ -129,7 +129,7 @@ def execute(settings: ScanSettings, if_definitions_changed: bool = False) -> int
             report.actions = apply_actions(connectors, report.records, settings, session)
         report.end = now_iso()
         report.duration = time.monotonic() - t0
-        session.finish(report)
+        session.finish(report, pipeline.enumerated)
     write_report(report, settings)
     return report.exit_code
 

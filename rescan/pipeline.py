@@ -112,6 +112,8 @@ class Pipeline:
     ``executor`` runs ``rescan.scan.scan_message`` (a ``WorkerPool`` whose initializer is
     ``rescan.scan.init_worker``). ``cache_key_of(components)`` gives the verdict-cache key of a
     component set (None disables the cache). ``stop`` ends the run at a batch boundary.
+    ``enumerated`` holds the (source, mailbox, folder) whose listing ran to its end without an
+    error: every message of such a folder got a record (unless the run was stopped).
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class Pipeline:
         self.fatal: AuthError | None = None  # credentials refused: the run stops, exit 2
         self.mailboxes: set[tuple[str, str]] = set()
         self.folders: set[tuple[str, str, str]] = set()
+        self.enumerated: set[tuple[str, str, str]] = set()  # folders listed to the end without error
         self._q: queue.Queue = queue.Queue()
         self._plan_lock = threading.Lock()
 
@@ -191,6 +194,8 @@ class Pipeline:
                     if self.stop.is_set():
                         return
                     self._fetch_batch(conn, refs)
+                if not self.stop.is_set():
+                    self.enumerated.add((conn.source, mailbox, folder))
             except AuthError as exc:
                 self._fail(exc)
             except RescanError as exc:
