@@ -135,3 +135,13 @@ def test_max_duration_stops_at_a_batch_boundary_and_the_next_run_continues(tmp_p
     assert second["summary"]["up_to_date"] == s["messages_scanned"]
     assert second["summary"]["infected"] == 3
     assert query(state, "SELECT count(*) FROM messages") == [(total,)]
+
+
+def test_example_config_is_valid():
+    from rescan.config import load_config
+    from tests.stampkit import REPO
+
+    settings = load_config(REPO / "examples" / "rescan.toml")
+    assert [s.url for s in settings.sources] == ["maildir:examples/maildir"]
+    assert settings.state and settings.rules == ("rescan/rules",) and settings.format == "json"
+    assert all(s.password_file is None for s in settings.sources)  # nothing inline, nothing needed
