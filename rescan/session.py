@@ -53,9 +53,9 @@ class StateSession:
         self.previous_components: dict[str, str] | None = None
         self.cache_path: str | None = None
         self.run_id: int | None = None
-        self._plan_store = None  # the planner's own connection: it runs in fetch threads
         self._pending: list[Record] = []
         self._seen: dict[tuple[str, str, str], set[str]] = {}  # ids seen this run, per folder
+        self._planner_store = None
         self._last_commit = time.monotonic()
 
     @classmethod
@@ -92,8 +92,8 @@ class StateSession:
             if exc is not None and self.run_id is not None:
                 self.store.end_run(self.run_id, {"error": str(exc)}, complete=False)
         finally:
-            if self._plan_store is not None:
-                self._plan_store.close()
+            if self._planner_store is not None:
+                self._planner_store.close()
             self.store.release_lock()
             self.store.close()
 
@@ -104,9 +104,9 @@ class StateSession:
         from rescan.planner import StatePlanner
         from rescan.state import StateStore
 
-        if self._plan_store is None:
-            self._plan_store = StateStore(self.store.path, any_thread=True)
-        return StatePlanner(self._plan_store, self.components, self.full)
+        # The planner runs in the fetch threads (one at a time): it gets its own connection.
+        self._planner_store = StateStore(self.store.path, threads=True)
+        return StatePlanner(self._planner_store, self.components, self.full)
 
     def cache_key_of(self, components: tuple[str, ...] | None) -> str | None:
         """Verdict-cache key of a component set (None without a state store)."""

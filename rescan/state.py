@@ -13,8 +13,7 @@ point to them; stamps read back are shared between messages and must be treated 
 The file runs in WAL mode with ``synchronous=NORMAL``: every ``record()`` batch is one
 transaction, so a SIGKILL loses at most the batch being written. The schema is versioned with
 ``PRAGMA user_version`` and upgraded by the functions in ``MIGRATIONS``. A store is used from
-one thread at a time (``any_thread=True`` lets that one thread change, e.g. a planner called
-from fetch threads under a lock). Every ``sqlite3`` error is translated into ``StateError`` here.
+one thread at a time. Every ``sqlite3`` error is translated into ``StateError`` here.
 """
 
 from __future__ import annotations
@@ -232,8 +231,7 @@ def _pid_alive(pid: int) -> bool:
 class StateStore:
     """SQLite state of rescan: one file, WAL, versioned schema (see the module docstring).
 
-    Takes the path of the database file (parent directories are created) and ``any_thread``
-    (allow use from a thread other than the creating one; callers serialise access). Raises
+    Takes the path of the database file (parent directories are created). Raises
     ``StateError`` when the file cannot be opened, is not a database, or has a schema newer
     than this version of rescan knows. Usable as a context manager (closes, releasing the
     lock if held).
@@ -244,7 +242,10 @@ class StateStore:
         " problems, first_seen_run, last_scan_run, action, action_detail"
     )
 
-    def __init__(self, path: str | Path, any_thread: bool = False):
+    def __init__(self, path: str | Path, threads: bool = False):
+        """Open (and create or migrate) the state file. ``threads=True`` lets the store be
+        used from other threads than the one that opened it, one call at a time (the caller
+        serialises). Raises StateError."""
         self.path = Path(path)
         self._lock_token: str | None = None
         self._stamps: dict[int, dict[str, str]] = {}
@@ -256,7 +257,7 @@ class StateStore:
         with self._errors():
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000,
-                check_same_thread=not any_thread,
+                check_same_thread=not threads,
             )
             try:
                 self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -701,7 +702,10 @@ class CacheReader:
     reads as a cache miss: the part is then simply scanned.
     """
 
-    def __init__(self, path: str | Path, any_thread: bool = False):
+    def __init__(self, path: str | Path, threads: bool = False):
+        """Open (and create or migrate) the state file. ``threads=True`` lets the store be
+        used from other threads than the one that opened it, one call at a time (the caller
+        serialises). Raises StateError."""
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
 
