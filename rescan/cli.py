@@ -282,8 +282,6 @@ def rules(
     """Show the definitions version, each rule file with its rule count, and what changed."""
     import json
 
-    from rescan.session import previous_components
-
     definitions = Definitions.build([str(r) for r in rules], clamd)
     info = definitions.to_json(previous_components(state))
     if format == "json":
