@@ -8,6 +8,21 @@ Sources are URLs: ``maildir:PATH``, ``mbox:PATH``, ``eml:PATH``, a bare path (au
 ``imap://user@host[:port][/folder]``, ``imaps://...``, ``ews://user@host/EWS/Exchange.asmx``,
 ``ews+http://...`` (loopback only). ``open_source(url, options)`` returns the connector.
 Connector modules are imported lazily, so a Maildir scan never imports imapclient.
+
+Incremental listing (optional). A connector that can tell what changed in a folder since an
+earlier listing implements two methods; the base class's defaults say "cannot":
+
+- ``cursor(mailbox, folder) -> str | None``: after a ``refs()`` listing of the folder ran to its
+  end (in the same thread), an opaque cursor describing the folder as that listing saw it
+  (IMAP: ``UIDVALIDITY:UIDNEXT:HIGHESTMODSEQ``); None when the store has none.
+- ``changes(mailbox, folder, cursor) -> FolderChanges | None``: what changed since ``cursor``:
+  the new or changed messages (``refs``, in batches as ``refs()`` gives them), the native ids
+  expunged since (``gone``) and the cursor to store once all of it has been processed. None
+  means "cannot say incrementally" (unsupported, or the cursor is no longer valid: a new
+  UIDVALIDITY, no HIGHESTMODSEQ...): the caller then lists the whole folder with ``refs()``.
+
+A cursor is captured when the listing starts, so a message that arrives during the listing is
+found by the next ``changes()``, never lost.
 """
 
 from __future__ import annotations
@@ -39,6 +54,19 @@ class SourceOptions:
     batch_bytes: int = 16 * 1024 * 1024  # fetch batches are bounded by bytes ...
     batch_count: int = 100  # ... and by message count
     extra: dict[str, str] = field(default_factory=dict)  # connector-specific settings
+
+
+@dataclass(frozen=True)
+class FolderChanges:
+    """What changed in a folder since a cursor (see the module docstring).
+
+    ``refs`` yields batches of the new or changed messages only (lazily: consume it once);
+    ``gone`` holds the native ids expunged since the cursor (it may name ids the caller never
+    knew); ``cursor`` is the folder's new cursor, valid once ``refs`` has been consumed."""
+
+    refs: Iterator[list[MessageRef]]
+    gone: tuple[str, ...]
+    cursor: str
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,18 @@ class Connector(ABC):
         """Raw RFC 5322 bytes for each ref, in any order, each ref exactly once. A message
         that cannot be fetched is yielded with a ``FetchError`` instead of bytes; the
         others go on. Never changes the message (no read flag, no move)."""
+
+    def cursor(self, mailbox: str, folder: str) -> str | None:
+        """The cursor of ``folder`` as the last complete ``refs()`` listing of it in this thread
+        saw it, or None (the default: this store has no incremental listing)."""
+        return None
+
+    def changes(self, mailbox: str, folder: str, cursor: str) -> FolderChanges | None:
+        """What changed in ``folder`` since ``cursor``, or None when that cannot be told
+        incrementally (the default) and the caller must list the folder with ``refs()``.
+
+        Raises SourceError when the folder cannot be read."""
+        return None
 
     # Action primitives. A connector that cannot act raises ActionError.
     def tag(self, refs: Sequence[MessageRef], keyword: str) -> list[ActionResult]:

@@ -15,6 +15,15 @@ Settings in ``options.extra``: ``master_user`` (Dovecot-style master login
 ``options.mailboxes``), ``master_separator`` (default ``*``), ``auth`` (``login``, ``plain``,
 ``xoauth2``, ``oauthbearer``), ``uid_window`` and ``timeout`` (seconds per socket read).
 
+Incremental listing (``cursor()``/``changes()``, see connectors.base): the cursor is
+``UIDVALIDITY:UIDNEXT:HIGHESTMODSEQ`` (``UIDVALIDITY:UIDNEXT`` without CONDSTORE). Where the
+server offers QRESYNC it is enabled on every connection; ``changes()`` then opens the folder
+with ``EXAMINE folder (QRESYNC (uidvalidity modseq))``, whose ``VANISHED (EARLIER)`` response
+names the UIDs expunged since, and lists only the UIDs from the old UIDNEXT up. Flag changes
+do not matter (a message's body never changes under one UIDVALIDITY:UID). A new UIDVALIDITY, a
+cursor without HIGHESTMODSEQ or a server without QRESYNC: ``changes()`` returns None and the
+folder is listed whole.
+
 Every library error (imaplib, imapclient, ssl, socket) is translated in ``map_imap_errors``.
 """
 
@@ -37,7 +46,7 @@ from imapclient import IMAPClient, SocketTimeout
 from imapclient import exceptions as imap_exc
 from imapclient.response_parser import parse_fetch_response
 
-from connectors.base import ActionResult, Connector, SourceOptions, register
+from connectors.base import ActionResult, Connector, FolderChanges, SourceOptions, register
 from rescan.errors import (
     ActionError,
     AuthError,
@@ -84,6 +93,44 @@ def expand_uids(uid_set: str) -> list[int]:
         step = 1 if b >= a else -1
         out.extend(range(a, b + step, step))
     return out
+
+
+@dataclass(frozen=True)
+class ImapCursor:
+    """Where a folder listing stopped: its UIDVALIDITY, the next UID to be given out, and the
+    HIGHESTMODSEQ (None without CONDSTORE). Text form ``UIDVALIDITY:UIDNEXT[:HIGHESTMODSEQ]``."""
+
+    uidvalidity: int
+    uidnext: int
+    modseq: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ImapCursor | None:
+        """The cursor in ``text``, or None when it is not one (a cursor from another store or
+        another version: the folder is then listed whole)."""
+        fields = text.split(":")
+        if len(fields) not in (2, 3) or not all(f.isdigit() for f in fields):
+            return None
+        numbers = [int(f) for f in fields]
+        if numbers[0] == 0 or numbers[1] == 0:
+            return None
+        return cls(numbers[0], numbers[1], numbers[2] if len(numbers) == 3 else None)
+
+    def __str__(self) -> str:
+        head = f"{self.uidvalidity}:{self.uidnext}"
+        return head if self.modseq is None else f"{head}:{self.modseq}"
+
+
+def parse_vanished(items: Sequence[bytes]) -> list[int]:
+    """The UIDs of ``VANISHED [(EARLIER)] uid-set`` response data (one item per response)."""
+    uids: list[int] = []
+    for item in items:
+        text = (item or b"").decode("ascii", "replace").strip()
+        if text.upper().startswith("(EARLIER)"):
+            text = text[len("(EARLIER)"):].strip()
+        if text:
+            uids.extend(expand_uids(text))
+    return uids
 
 
 def password_allowed(peer_address: str, tls: bool) -> bool:
@@ -171,18 +218,40 @@ class _Session:
         self.readonly = True
         self.uidvalidity = 0
         self.uidnext: int | None = None
+        self.highestmodseq: int | None = None
         self.exists = 0
+        self.qresync = False  # QRESYNC enabled on this connection
 
     def select(self, folder: str, readonly: bool = True) -> int:
         """Open ``folder`` (EXAMINE when ``readonly``) unless already open so; its UIDVALIDITY."""
         if self.folder != folder or self.readonly != readonly:
             self.folder = None
-            info = self.client.select_folder(folder, readonly=readonly)
-            self.folder, self.readonly = folder, readonly
-            self.uidvalidity = int(info.get(b"UIDVALIDITY", 0))
-            self.uidnext = info.get(b"UIDNEXT")
-            self.exists = int(info.get(b"EXISTS", 0))
+            self._opened(folder, readonly, self.client.select_folder(folder, readonly=readonly))
         return self.uidvalidity
+
+    def examine_since(self, folder: str, uidvalidity: int, modseq: int) -> list[int]:
+        """``EXAMINE folder (QRESYNC (uidvalidity modseq))`` (QRESYNC must be enabled): opens
+        the folder read-only and returns the UIDs reported expunged since ``modseq`` (none when
+        the UIDVALIDITY differs: check ``self.uidvalidity``). imapclient has no QRESYNC
+        parameter for EXAMINE, so this goes through its imaplib connection."""
+        self.folder = None
+        imap = self.client._imap
+        arg = self.client._normalise_folder(folder) + f" (QRESYNC ({uidvalidity} {modseq}))".encode()
+        typ, data = imap.select(arg, True)
+        if typ != "OK":
+            raise imap_exc.IMAPClientError(f"EXAMINE failed: {data[0]!r}")
+        untagged = imap.untagged_responses
+        vanished = untagged.pop("VANISHED", [])
+        untagged.pop("FETCH", None)  # flag changes since modseq: not needed, possibly many
+        self._opened(folder, True, self.client._process_select_response(untagged))
+        return parse_vanished(vanished)
+
+    def _opened(self, folder: str, readonly: bool, info: dict) -> None:
+        self.folder, self.readonly = folder, readonly
+        self.uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+        self.uidnext = info.get(b"UIDNEXT")
+        self.highestmodseq = info.get(b"HIGHESTMODSEQ")
+        self.exists = int(info.get(b"EXISTS", 0))
 
     def uid_fetch(self, uid_set: str, items: str) -> dict[int, dict]:
         """``UID FETCH uid_set items`` parsed by UID. imapclient's fetch() cannot take a
@@ -250,6 +319,7 @@ class ImapConnector(Connector):
         self._local = threading.local()
         self._sessions: list[_Session] = []
         self._lock = threading.Lock()
+        self._cursors: dict[tuple[str, str], str] = {}  # (mailbox, folder) -> cursor
 
     # -- connections ---------------------------------------------------------------------
 
@@ -289,11 +359,15 @@ class ImapConnector(Connector):
                         f"{self._context(mailbox)}: the server offers no TLS; refusing to send "
                         "credentials in clear text to a non-loopback address (use imaps://)")
                 self._login(client, mailbox)
+                # Enabled at once: ENABLE is only valid before a folder is selected (RFC 5161).
+                qresync = (client.has_capability("QRESYNC") and client.has_capability("ENABLE")
+                           and b"QRESYNC" in {c.upper() for c in client.enable("QRESYNC")})
             except BaseException:
                 with contextlib.suppress(Exception):
                     client.shutdown()
                 raise
         session = _Session(client, mailbox)
+        session.qresync = qresync
         with self._lock:
             self._sessions.append(session)
         return session
@@ -387,13 +461,57 @@ class ImapConnector(Connector):
         """Every message of ``folder`` in UID order, one batch per UID window.
 
         ``version`` is ``"UIDVALIDITY:UID"``, ``size`` RFC822.SIZE, ``date`` INTERNALDATE.
-        Raises SourceError when the folder cannot be listed (after reconnect attempts) or its
-        UIDVALIDITY changes during the listing."""
-        first = self._retrying(mailbox, folder, lambda s: self._open_for_listing(s, folder))
-        uidvalidity, top = first
-        lo = 1
+        Once the listing ran to its end, ``cursor(mailbox, folder)`` gives the folder's cursor
+        as it was when the listing began. Raises SourceError when the folder cannot be listed
+        (after reconnect attempts) or its UIDVALIDITY changes during the listing."""
+        key = (mailbox, folder)
+        with self._lock:
+            self._cursors.pop(key, None)
+        uidvalidity, top, cursor = self._retrying(mailbox, folder, lambda s: self._open_for_listing(s, folder))
+        yield from self._listing(mailbox, folder, uidvalidity, 1, top)
+        with self._lock:
+            self._cursors[key] = str(cursor)
+
+    def cursor(self, mailbox: str, folder: str) -> str | None:
+        """``UIDVALIDITY:UIDNEXT[:HIGHESTMODSEQ]`` of ``folder`` when the last ``refs()``
+        listing of it began, or None when that listing did not run to its end."""
+        with self._lock:
+            return self._cursors.get((mailbox, folder))
+
+    def changes(self, mailbox: str, folder: str, cursor: str) -> FolderChanges | None:
+        """New messages (UIDs from the cursor's UIDNEXT up) and UIDs expunged since
+        ``cursor`` (QRESYNC ``VANISHED (EARLIER)``), or None when this cannot be told: a
+        malformed cursor or one without HIGHESTMODSEQ, a server without QRESYNC, a new
+        UIDVALIDITY, a folder without HIGHESTMODSEQ. Raises SourceError when the folder cannot
+        be opened."""
+        old = ImapCursor.parse(cursor)
+        if old is None or old.modseq is None:
+            return None
+
+        def probe(s: _Session) -> tuple[ImapCursor, int, list[int]] | None:
+            if not s.qresync:
+                return None
+            gone = s.examine_since(folder, old.uidvalidity, old.modseq)
+            if s.uidvalidity != old.uidvalidity or s.highestmodseq is None or not s.uidnext:
+                return None
+            new = ImapCursor(s.uidvalidity, int(s.uidnext), int(s.highestmodseq))
+            return new, (int(s.uidnext) - 1 if s.exists else 0), gone
+
+        found = self._retrying(mailbox, folder, probe)
+        if found is None:
+            return None
+        new, top, gone = found
+        return FolderChanges(
+            self._listing(mailbox, folder, new.uidvalidity, old.uidnext, top),
+            tuple(str(uid) for uid in gone),
+            str(new),
+        )
+
+    def _listing(self, mailbox: str, folder: str, uidvalidity: int, lo: int,
+                 top: int) -> Iterator[list[MessageRef]]:
+        """The messages with UIDs ``lo..top`` in windows of ``uid_window`` UIDs."""
         while lo <= top:
-            hi = lo + self.uid_window - 1
+            hi = min(top, lo + self.uid_window - 1)
 
             def window(s: _Session, lo=lo, hi=hi) -> dict[int, dict]:
                 if s.select(folder) != uidvalidity:
@@ -403,6 +521,7 @@ class ImapConnector(Connector):
 
             found = self._retrying(mailbox, folder, window)
             batch = []
+            # lo:hi may answer with the last message even when every UID in it is gone.
             for uid in sorted(u for u in found if lo <= u <= hi and b"RFC822.SIZE" in found[u]):
                 data = found[uid]
                 date = data.get(b"INTERNALDATE")
@@ -413,16 +532,19 @@ class ImapConnector(Connector):
                 yield batch
             lo = hi + 1
 
-    def _open_for_listing(self, s: _Session, folder: str) -> tuple[int, int]:
-        """EXAMINE ``folder``; (UIDVALIDITY, highest UID to list)."""
+    def _open_for_listing(self, s: _Session, folder: str) -> tuple[int, int, ImapCursor]:
+        """EXAMINE ``folder``; (UIDVALIDITY, highest UID to list, the folder's cursor)."""
         s.folder = None  # always re-examine: a fresh UIDNEXT and EXISTS
         uidvalidity = s.select(folder)
+        modseq = int(s.highestmodseq) if s.highestmodseq is not None else None
         if not s.exists:
-            return uidvalidity, 0
-        if s.uidnext:
-            return uidvalidity, int(s.uidnext) - 1
-        last = s.uid_fetch("*", "(UID)")
-        return uidvalidity, max(last, default=0)
+            top = 0
+        elif s.uidnext:
+            top = int(s.uidnext) - 1
+        else:
+            top = max(s.uid_fetch("*", "(UID)"), default=0)
+        uidnext = int(s.uidnext) if s.uidnext else top + 1
+        return uidvalidity, top, ImapCursor(uidvalidity, uidnext, modseq)
 
     # -- fetching ------------------------------------------------------------------------
 
