@@ -105,6 +105,7 @@ def execute(settings: ScanSettings, if_definitions_changed: bool = False) -> int
             cache_key_of=session.cache_key_of,
             passwords=settings.archive_passwords,
             on_discovered=progress.discovered,
+            ledger=session,
         )
         deadline = t0 + settings.max_duration if settings.max_duration else None
         try:
@@ -123,13 +124,15 @@ def execute(settings: ScanSettings, if_definitions_changed: bool = False) -> int
         report.errors.extend(pipeline.errors)
         report.summary.mailboxes = len(pipeline.mailboxes)
         report.summary.folders = len(pipeline.folders)
+        report.summary.folders_incremental = len(pipeline.incremental)
+        report.summary.add_unchanged(pipeline.unchanged)
         if settings.action != "report":
             from rescan.actions import apply_actions
 
             report.actions = apply_actions(connectors, report.records, settings, session)
         report.end = now_iso()
         report.duration = time.monotonic() - t0
-        session.finish(report, pipeline.enumerated)
+        session.finish(report)
     write_report(report, settings)
     return report.exit_code
 

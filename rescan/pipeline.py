@@ -4,6 +4,14 @@
 Fetching runs in threads apart from scanning (which runs in the worker pool), and the bytes
 fetched but not yet scanned are bounded by ``in_flight_bytes``, so memory does not grow with the
 store. Folder and source failures are collected in ``Pipeline.errors`` and the run goes on.
+
+Incremental folders: when the ``Ledger`` holds a usable cursor for a folder and its connector
+can tell what changed since (``Connector.changes``), only the new messages are listed and
+planned; ids expunged since are forgotten; the folder's known messages that are not clean are
+planned again from the state (so the report still lists every message whose verdict is not
+clean, and failed scans are retried), and its known clean ones are only counted
+(``Pipeline.unchanged``). Otherwise the folder is listed whole. Once every record of a folder
+has been yielded (and the run was not stopped), ``Ledger.folder_done`` gets its new cursor.
 """
 
 from __future__ import annotations
@@ -63,6 +71,43 @@ class FullScanPlanner:
         return [Plan("full") for _ in refs]
 
 
+class Ledger(Protocol):
+    """What the state knows per folder, for incremental listing (see rescan.session).
+
+    ``cursor``, ``forget``, ``not_clean`` and ``clean_count`` are called from fetch threads;
+    ``folder_done`` from the thread iterating ``Pipeline.run()``, after every record of the
+    folder was consumed."""
+
+    def cursor(self, source: str, mailbox: str, folder: str) -> str | None: ...
+
+    def forget(self, source: str, mailbox: str, folder: str, ids: Sequence[str]) -> None: ...
+
+    def not_clean(self, source: str, mailbox: str, folder: str, exclude: set[str]) -> Iterator[list[MessageRef]]: ...
+
+    def clean_count(self, source: str, mailbox: str, folder: str, exclude: set[str]) -> int: ...
+
+    def folder_done(self, source: str, mailbox: str, folder: str, cursor: str | None, whole: bool) -> None: ...
+
+
+class NoLedger:
+    """Without a state store every folder is listed whole and nothing is kept."""
+
+    def cursor(self, source: str, mailbox: str, folder: str) -> str | None:
+        return None
+
+    def forget(self, source: str, mailbox: str, folder: str, ids: Sequence[str]) -> None:
+        return None
+
+    def not_clean(self, source: str, mailbox: str, folder: str, exclude: set[str]) -> Iterator[list[MessageRef]]:
+        return iter(())
+
+    def clean_count(self, source: str, mailbox: str, folder: str, exclude: set[str]) -> int:
+        return 0
+
+    def folder_done(self, source: str, mailbox: str, folder: str, cursor: str | None, whole: bool) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class RunError:
     """A store, mailbox or folder that could not be read; the run went on without it."""
@@ -111,9 +156,10 @@ class Pipeline:
 
     ``executor`` runs ``rescan.scan.scan_message`` (a ``WorkerPool`` whose initializer is
     ``rescan.scan.init_worker``). ``cache_key_of(components)`` gives the verdict-cache key of a
-    component set (None disables the cache). ``stop`` ends the run at a batch boundary.
-    ``enumerated`` holds the (source, mailbox, folder) whose listing ran to its end without an
-    error: every message of such a folder got a record (unless the run was stopped).
+    component set (None disables the cache). ``ledger`` keeps folder cursors (incremental
+    listing; see the module docstring). ``stop`` ends the run at a batch boundary.
+    ``unchanged`` counts the known clean messages of incremental folders (no record each);
+    ``incremental`` holds the (source, mailbox, folder) listed incrementally.
     """
 
     def __init__(
@@ -126,6 +172,7 @@ class Pipeline:
         cache_key_of: Callable[[tuple[str, ...] | None], str | None] = lambda c: None,
         passwords: tuple[str, ...] = ("infected",),
         on_discovered: Callable[[int], None] = lambda n: None,
+        ledger: Ledger | None = None,
     ):
         self.connectors = list(connectors)
         self.executor = executor
@@ -135,13 +182,18 @@ class Pipeline:
         self.cache_key_of = cache_key_of
         self.passwords = passwords
         self.on_discovered = on_discovered
+        self.ledger = ledger or NoLedger()
         self.stop = threading.Event()
         self.errors: list[RunError] = []
         self.fatal: AuthError | None = None  # credentials refused: the run stops, exit 2
         self.mailboxes: set[tuple[str, str]] = set()
         self.folders: set[tuple[str, str, str]] = set()
-        self.enumerated: set[tuple[str, str, str]] = set()  # folders listed to the end without error
+        self.incremental: set[tuple[str, str, str]] = set()
+        self.unchanged = 0
         self._q: queue.Queue = queue.Queue()
+        # Per folder: scans submitted and not yet recorded; folders listed to the end.
+        self._scanning: dict[tuple[str, str, str], int] = {}
+        self._listed: dict[tuple[str, str, str], tuple[str | None, bool]] = {}
         self._plan_lock = threading.Lock()
 
     # -- fetch side (threads) -------------------------------------------------------------
@@ -188,14 +240,24 @@ class Pipeline:
                 mailbox, folder = work.get_nowait()
             except queue.Empty:
                 return
-            self.folders.add((conn.source, mailbox, folder))
+            key = (conn.source, mailbox, folder)
+            self.folders.add(key)
             try:
-                for refs in conn.refs(mailbox, folder):
-                    if self.stop.is_set():
+                cursor = self.ledger.cursor(*key)
+                changes = conn.changes(mailbox, folder, cursor) if cursor is not None else None
+                if changes is None:
+                    for refs in conn.refs(mailbox, folder):
+                        if self.stop.is_set():
+                            return
+                        self._fetch_batch(conn, refs)
+                    listed = (conn.cursor(mailbox, folder), True)
+                else:
+                    self.incremental.add(key)
+                    if not self._fetch_changes(conn, key, changes):
                         return
-                    self._fetch_batch(conn, refs)
+                    listed = (changes.cursor, False)
                 if not self.stop.is_set():
-                    self.enumerated.add((conn.source, mailbox, folder))
+                    self._q.put(("listed", key, listed))
             except AuthError as exc:
                 self._fail(exc)
             except RescanError as exc:
@@ -203,6 +265,25 @@ class Pipeline:
             except Exception as exc:  # a connector bug must not end the run silently
                 log.exception("unexpected failure reading %s %s/%s", conn.source, mailbox, folder)
                 self.errors.append(RunError(conn.source, mailbox, folder, f"{type(exc).__name__}: {exc}"))
+
+    def _fetch_changes(self, conn, key: tuple[str, str, str], changes) -> bool:
+        """Plan the new messages of an incremental folder, then its known messages that are
+        not clean; count its known clean ones. False when the run was stopped on the way."""
+        self.ledger.forget(*key, changes.gone)  # gone from the store: nothing will name them
+        new: set[str] = set()
+        for refs in changes.refs:
+            if self.stop.is_set():
+                return False
+            new.update(r.id for r in refs)
+            self._fetch_batch(conn, refs)
+        replanned: set[str] = set()
+        for refs in self.ledger.not_clean(*key, new):
+            if self.stop.is_set():
+                return False
+            replanned.update(r.id for r in refs)
+            self._fetch_batch(conn, refs)
+        self._q.put(("unchanged", self.ledger.clean_count(*key, new | replanned)))
+        return True
 
     def _fetch_batch(self, conn, refs: list[MessageRef]) -> None:
         self.on_discovered(len(refs))
@@ -276,16 +357,34 @@ class Pipeline:
                     self.budget.release(len(raw))
                 else:
                     in_flight.add(self._submit(ref, raw, plan))
+                    folder = ref.key[:3]
+                    self._scanning[folder] = self._scanning.get(folder, 0) + 1
             elif kind == "result":
                 _, ref, size, plan, fut = item
                 in_flight.discard(fut)
                 self.budget.release(size)
                 if not fut.cancelled():
                     yield self._record(ref, plan, fut)
+                self._scanning[ref.key[:3]] -= 1
+                self._settle(ref.key[:3])
+            elif kind == "listed":
+                _, folder, listed = item
+                self._listed[folder] = listed
+                self._settle(folder)
+            elif kind == "unchanged":
+                self.unchanged += item[1]
         for t in fetchers:
             t.join()
         if self.fatal is not None:
             raise self.fatal
+
+    def _settle(self, folder: tuple[str, str, str]) -> None:
+        """Tell the ledger a folder is done once it was listed to the end and every record of
+        it has been consumed; never after a stop (some of its messages got no record)."""
+        if folder in self._listed and not self._scanning.get(folder) and not self.stop.is_set():
+            cursor, whole = self._listed.pop(folder)
+            self._scanning.pop(folder, None)
+            self.ledger.folder_done(*folder, cursor, whole)
 
     def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> Future:
         comps = plan.components if plan.kind == "delta" else None

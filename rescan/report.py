@@ -37,6 +37,7 @@ class Summary:
     parts_from_cache: int = 0  # parts answered by the verdict cache (same content seen before)
     mailboxes: int = 0
     folders: int = 0
+    folders_incremental: int = 0  # folders where only what changed since the last run was listed
 
     def add(self, rec: Record) -> None:
         """Count one record."""
@@ -57,6 +58,12 @@ class Summary:
             self.errors += 1
         elif st is Status.SKIPPED:
             self.skipped += 1
+
+    def add_unchanged(self, n: int) -> None:
+        """Count ``n`` clean messages known from earlier runs and not listed in this one (the
+        unchanged part of incremental folders)."""
+        self.messages_seen += n
+        self.up_to_date += n
 
     def to_json(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -189,7 +196,7 @@ def write_text(report: Report, out: TextIO) -> None:
         out.write(f"Definitions changed since last run: {', '.join(parts)}\n")
     rows = [
         ("Mailboxes", s.mailboxes),
-        ("Folders", s.folders),
+        ("Folders", s.folders if not s.folders_incremental else f"{s.folders} ({s.folders_incremental} incremental)"),
         ("Messages seen", s.messages_seen),
         ("Scanned messages", s.messages_scanned),
         ("Up to date (not rescanned)", s.up_to_date),

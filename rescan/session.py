@@ -3,25 +3,36 @@
 ``StateSession.open(settings, definitions)`` is a context manager. Without ``settings.state``
 it is a null session (no stamps, no cache: every message is scanned). With it, it takes the
 lock (a second live run fails with LockedError, exit 2), records the run, plans against
-stamps, and commits records in batches so a crash loses at most the current batch. At the
-end of a complete run, messages of a fully listed folder that were not seen (expunged from the
-store) are forgotten.
+stamps, and commits records in batches so a crash loses at most the current batch.
+
+The session is also the pipeline's ``Ledger`` (incremental listing): a folder's token in the
+state holds the connector's cursor and the definitions version the folder was last completed
+with. The cursor is used only when that version is the current one and ``--full`` is not given:
+then every message of the folder known to the state carries the current stamp, and only what
+changed since needs listing. A token of other definitions is cleared before any record of the
+folder is committed, and a new one stored only once every record of the folder is committed,
+so an interrupted run never leaves a cursor over messages it did not stamp. When a folder
+listed whole is done, its known messages that were not seen (expunged from the store) are
+forgotten.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterator, Sequence
 
 from rescan.definitions import Definitions
-from rescan.models import Status
+from rescan.models import MessageRef, Status
 from rescan.pipeline import FullScanPlanner, Planner, Record
 
 COMMIT_EVERY = 200  # records per transaction: a SIGKILL loses at most this many scans
 COMMIT_SECONDS = 2.0  # ... or this much time, whichever comes first
+NOT_CLEAN_BATCH = 500  # known not-clean messages of an incremental folder planned per batch
 
 
 def default_state_path() -> Path:
@@ -56,6 +67,8 @@ class StateSession:
         self._pending: list[Record] = []
         self._seen: dict[tuple[str, str, str], set[str]] = {}  # ids seen this run, per folder
         self._planner_store = None
+        self._ledger_store = None  # the fetch threads' connection, one call at a time
+        self._ledger_lock = threading.Lock()
         self._last_commit = time.monotonic()
 
     @classmethod
@@ -92,8 +105,9 @@ class StateSession:
             if exc is not None and self.run_id is not None:
                 self.store.end_run(self.run_id, {"error": str(exc)}, complete=False)
         finally:
-            if self._planner_store is not None:
-                self._planner_store.close()
+            for extra in (self._planner_store, self._ledger_store):
+                if extra is not None:
+                    extra.close()
             self.store.release_lock()
             self.store.close()
 
@@ -165,21 +179,107 @@ class StateSession:
         if self.store is not None:
             self.store.mark_action(key, action, detail)
 
-    def finish(self, report, enumerated: Iterable[tuple[str, str, str]] = ()) -> None:
-        """Commit what is left, forget messages gone from the store, close the run in the
-        history. ``enumerated`` names the (source, mailbox, folder) listed to the end without
-        error; when the run is complete, their known messages not seen in this run are deleted
-        from the state."""
+    def finish(self, report) -> None:
+        """Commit what is left and close the run in the history."""
         if self.store is None:
             return
         self.flush()
-        if report.complete:
-            for folder in enumerated:
-                seen = self._seen.get(folder, set())
-                gone = [m.key for m in self.store.messages_in_folder(*folder) if m.id not in seen]
-                if gone:
-                    self.store.forget(gone)
         self.store.end_run(self.run_id, report.summary.to_json(), complete=report.complete and not report.errors)
+
+
+    # -- the pipeline's Ledger (see the module docstring) ------------------------------------
+
+    def _fetch_side(self):
+        """The fetch threads' own connection to the state (callers hold ``_ledger_lock``)."""
+        if self._ledger_store is None:
+            from rescan.state import StateStore
+
+            self._ledger_store = StateStore(self.store.path, threads=True)
+        return self._ledger_store
+
+    def cursor(self, source: str, mailbox: str, folder: str) -> str | None:
+        """The folder's stored cursor when it may be used (see the module docstring), else
+        None; a token stored with other definitions is cleared. Called from fetch threads."""
+        if self.store is None:
+            return None
+        with self._ledger_lock:
+            store = self._fetch_side()
+            token = store.folder_token(source, mailbox, folder)
+            if token is None:
+                return None
+            version, cursor = parse_folder_token(token)
+            if version != self.definitions.version:
+                store.set_folder_token(source, mailbox, folder, None)
+                return None
+        return None if self.full else cursor
+
+    def forget(self, source: str, mailbox: str, folder: str, ids: Sequence[str]) -> None:
+        """Delete messages expunged from the folder. Called from fetch threads."""
+        if self.store is None or not ids:
+            return
+        with self._ledger_lock:
+            self._fetch_side().forget([(source, mailbox, folder, i) for i in ids])
+
+    def not_clean(self, source: str, mailbox: str, folder: str, exclude: set[str]) -> Iterator[list[MessageRef]]:
+        """The folder's known messages whose verdict is not clean (ids in ``exclude`` left
+        out), as refs in batches, to be planned again. Called from fetch threads."""
+        if self.store is None:
+            return
+        with self._ledger_lock:
+            rows = self._fetch_side().not_clean_in_folder(source, mailbox, folder)
+        while True:
+            with self._ledger_lock:  # each page is read under the lock
+                page = list(itertools.islice(rows, NOT_CLEAN_BATCH))
+            batch = [
+                MessageRef(m.source, m.mailbox, m.folder, m.id, m.version, m.size)
+                for m in page if m.id not in exclude
+            ]
+            if batch:
+                yield batch
+            if len(page) < NOT_CLEAN_BATCH:
+                return
+
+    def clean_count(self, source: str, mailbox: str, folder: str, exclude: set[str]) -> int:
+        """How many of the folder's known messages are clean, ids in ``exclude`` left out.
+        Called from fetch threads."""
+        if self.store is None:
+            return 0
+        with self._ledger_lock:
+            return self._fetch_side().count_clean(source, mailbox, folder, exclude)
+
+    def folder_done(self, source: str, mailbox: str, folder: str, cursor: str | None, whole: bool) -> None:
+        """Every record of the folder was consumed: commit them, forget the messages a whole
+        listing did not see, then store the folder's new cursor (or clear it without one)."""
+        if self.store is None:
+            return
+        key = (source, mailbox, folder)
+        self.flush()
+        seen = self._seen.pop(key, set())
+        if whole:
+            gone = [m.key for m in self.store.messages_in_folder(*key) if m.id not in seen]
+            if gone:
+                self.store.forget(gone)
+        token = folder_token(self.definitions.version, cursor) if cursor is not None else None
+        if token is not None or self.store.folder_token(*key) is not None:
+            self.store.set_folder_token(*key, token)
+
+
+def folder_token(version: str, cursor: str) -> str:
+    """The text stored per folder: the definitions version it was completed with, and the
+    connector's cursor."""
+    return json.dumps({"definitions": version, "cursor": cursor}, sort_keys=True)
+
+
+def parse_folder_token(token: str) -> tuple[str | None, str | None]:
+    """(definitions version, cursor) of a stored folder token; (None, None) when it is not
+    one (a token of an older rescan)."""
+    try:
+        doc = json.loads(token)
+    except ValueError:
+        return None, None
+    if not isinstance(doc, dict) or not isinstance(doc.get("cursor"), str):
+        return None, None
+    return doc.get("definitions"), doc["cursor"]
 
 
 def show_status(state: str | None, rules: list[str], fmt: str) -> None:

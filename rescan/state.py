@@ -566,6 +566,31 @@ class StateStore:
         """Every known message of one folder, ordered by id."""
         return self._paged("source = ? AND mailbox = ? AND folder = ?", (source, mailbox, folder))
 
+    def not_clean_in_folder(self, source: str, mailbox: str, folder: str) -> Iterator[StoredMessage]:
+        """The messages of one folder whose current status is not ``clean``, ordered by id."""
+        return self._paged(
+            "source = ? AND mailbox = ? AND folder = ? AND status <> 'clean'", (source, mailbox, folder)
+        )
+
+    def count_clean(self, source: str, mailbox: str, folder: str, exclude: Iterable[str] = ()) -> int:
+        """How many messages of one folder are ``clean``, leaving out the ids in ``exclude``
+        (counted in one read snapshot, whatever other connections commit meanwhile)."""
+        where = "source = ? AND mailbox = ? AND folder = ? AND status = 'clean'"
+        params = (source, mailbox, folder)
+        db = self._conn
+        with self._errors():
+            db.execute("BEGIN")
+            try:
+                n = db.execute(f"SELECT count(*) FROM messages WHERE {where}", params).fetchone()[0]
+                for chunk in _chunks(sorted(set(exclude))):
+                    n -= db.execute(
+                        f"SELECT count(*) FROM messages WHERE {where} AND id IN ({','.join('?' * len(chunk))})",
+                        params + tuple(chunk),
+                    ).fetchone()[0]
+            finally:
+                db.execute("COMMIT")
+        return n
+
     def iter_not_clean(self) -> Iterator[StoredMessage]:
         """Every message whose current status is not ``clean``, ordered by key (for reports)."""
         return self._paged("status <> 'clean'", ())
