@@ -122,3 +122,53 @@ def test_byte_budget_lets_one_large_item_through_alone():
     assert not b.acquire(1, stop)
     b.release(500)
     assert b.acquire(60, stop) and b.acquire(40, stop)
+
+
+class RecordingLedger:
+    """A ledger that hands out no cursor and notes when each folder was reported done, and
+    how many records the consumer had taken by then."""
+
+    def __init__(self):
+        self.consumed = 0
+        self.consumed_by_folder: dict[str, int] = {}
+        self.done: dict[str, tuple[int, bool]] = {}
+
+    def cursor(self, source, mailbox, folder):
+        return None
+
+    def folder_done(self, source, mailbox, folder, cursor, whole):
+        self.done[folder] = (self.consumed_by_folder.get(folder, 0), whole)
+
+
+def test_a_folder_is_done_only_after_all_its_records_were_consumed():
+    store = MemoryStore()
+    for i in range(30):
+        store.add("alice", ("INBOX", "Work", "Old")[i % 3], f"m{i:02d}", message(i, body="BAD\n" if i == 4 else "fine\n"))
+    ledger = RecordingLedger()
+    src = store.register("ledger")
+    with open_source(src) as conn, WorkerPool(2, init_worker, ([TrapSpec()],), task_timeout=3) as pool:
+        p = Pipeline([conn], pool, Limits(timeout=3), ledger=ledger)
+        for rec in p.run():
+            folder = rec.ref.folder
+            ledger.consumed_by_folder[folder] = ledger.consumed_by_folder.get(folder, 0) + 1
+            assert folder not in ledger.done  # no record of a folder after it was done
+    assert ledger.done == {"INBOX": (10, True), "Work": (10, True), "Old": (10, True)}
+
+
+def test_a_stopped_run_reports_no_folder_done_that_lost_records():
+    store = MemoryStore()
+    for i in range(40):
+        store.add("alice", "INBOX", f"m{i:02d}", message(i))
+    ledger = RecordingLedger()
+    src = store.register("stopped")
+    pool = WorkerPool(1, init_worker, ([TrapSpec()],), task_timeout=3)
+    try:
+        with open_source(src) as conn:
+            p = Pipeline([conn], pool, Limits(timeout=3), ledger=ledger)
+            records = []
+            for rec in p.run():
+                records.append(rec)
+                p.stop.set()
+    finally:
+        pool.shutdown(cancel_futures=True)  # as the CLI does: scans not started are dropped
+    assert len(records) < 40 and ledger.done == {}
