@@ -1,0 +1,300 @@
+"""The data path, in one direction: connectors → refs → planner → fetcher → worker pool → records.
+
+``Pipeline.run()`` is a generator of ``Record``s (one per message, in completion order).
+Fetching runs in threads apart from scanning (which runs in the worker pool), and the bytes
+fetched but not yet scanned are bounded by ``in_flight_bytes``, so memory does not grow with the
+store. Folder and source failures are collected in ``Pipeline.errors`` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol, Sequence
+
+from rescan.errors import FetchError, RescanError, SourceError
+from rescan.models import Limits, MessageRef, Problem, Status, Verdict
+from rescan.pool import TaskTimeout, WorkerCrashed
+from rescan.scan import ScanResult, scan_message
+
+log = logging.getLogger("rescan")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one message: ``skip`` (stamp current: ``previous`` is the stored
+    verdict), ``full``, or ``delta`` (scan only ``components``; ``previous`` findings of the
+    other components are kept)."""
+
+    kind: str
+    components: tuple[str, ...] | None = None
+    previous: Verdict | None = None
+    was_clean_or_unknown: bool = True
+    rewrite: bool = False  # a skip whose stored verdict changed (findings of removed rule files)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One message's outcome in this run."""
+
+    ref: MessageRef
+    verdict: Verdict
+    new: bool  # not clean now, and clean or unknown before this run
+    scanned: bool  # scanned in this run (False: its stamp was current)
+    plan: Plan = field(default_factory=lambda: Plan("full"))
+    cache_rows: tuple = ()
+
+
+class Planner(Protocol):
+    """Decides per ref whether to skip, delta-scan or fully scan (see rescan.planner)."""
+
+    def plan(self, refs: Sequence[MessageRef]) -> list[Plan]: ...
+
+
+class FullScanPlanner:
+    """Without a state store every message gets a full scan."""
+
+    def plan(self, refs: Sequence[MessageRef]) -> list[Plan]:
+        return [Plan("full") for _ in refs]
+
+
+@dataclass(frozen=True)
+class RunError:
+    """A store, mailbox or folder that could not be read; the run went on without it."""
+
+    source: str
+    mailbox: str | None
+    folder: str | None
+    error: str
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "mailbox": self.mailbox, "folder": self.folder, "error": self.error}
+
+
+class ByteBudget:
+    """A counting semaphore over bytes. One item larger than the whole budget is let through
+    alone, so a big message waits for the others instead of deadlocking."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        """Wait until ``n`` bytes fit; False when ``stop`` was set while waiting."""
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.2)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+def error_verdict(code: str, detail: str) -> Verdict:
+    """A verdict for a message that could not be scanned at all."""
+    return Verdict(Status.ERROR, problems=(Problem(code, detail),))
+
+
+class Pipeline:
+    """One scan over several open connectors.
+
+    ``executor`` runs ``rescan.scan.scan_message`` (a ``WorkerPool`` whose initializer is
+    ``rescan.scan.init_worker``). ``cache_key_of(components)`` gives the verdict-cache key of a
+    component set (None disables the cache). ``stop`` ends the run at a batch boundary.
+    """
+
+    def __init__(
+        self,
+        connectors: Sequence,
+        executor: Executor,
+        limits: Limits,
+        planner: Planner | None = None,
+        in_flight_bytes: int = 64 * 1024 * 1024,
+        cache_key_of: Callable[[tuple[str, ...] | None], str | None] = lambda c: None,
+        passwords: tuple[str, ...] = ("infected",),
+        on_discovered: Callable[[int], None] = lambda n: None,
+    ):
+        self.connectors = list(connectors)
+        self.executor = executor
+        self.limits = limits
+        self.planner = planner or FullScanPlanner()
+        self.budget = ByteBudget(in_flight_bytes)
+        self.cache_key_of = cache_key_of
+        self.passwords = passwords
+        self.on_discovered = on_discovered
+        self.stop = threading.Event()
+        self.errors: list[RunError] = []
+        self.mailboxes: set[tuple[str, str]] = set()
+        self.folders: set[tuple[str, str, str]] = set()
+        self._q: queue.Queue = queue.Queue()
+        self._plan_lock = threading.Lock()
+
+    # -- fetch side (threads) -------------------------------------------------------------
+    def _units(self, conn) -> list[tuple[str, str]]:
+        units = []
+        try:
+            for mailbox in conn.mailboxes():
+                self.mailboxes.add((conn.source, mailbox))
+                try:
+                    for folder in conn.folders(mailbox):
+                        units.append((mailbox, folder))
+                except RescanError as exc:
+                    self.errors.append(RunError(conn.source, mailbox, None, str(exc)))
+        except RescanError as exc:
+            self.errors.append(RunError(conn.source, None, None, str(exc)))
+        return units
+
+    def _fetch_connector(self, conn) -> None:
+        units = self._units(conn)
+        n = max(1, min(conn.max_connections, conn.options.connections))
+        work: queue.Queue = queue.Queue()
+        for u in units:
+            work.put(u)
+        threads = [
+            threading.Thread(target=self._fetch_units, args=(conn, work), name=f"fetch-{i}", daemon=True)
+            for i in range(min(n, max(1, len(units))))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _fetch_units(self, conn, work: queue.Queue) -> None:
+        while not self.stop.is_set():
+            try:
+                mailbox, folder = work.get_nowait()
+            except queue.Empty:
+                return
+            self.folders.add((conn.source, mailbox, folder))
+            try:
+                for refs in conn.refs(mailbox, folder):
+                    if self.stop.is_set():
+                        return
+                    self._fetch_batch(conn, refs)
+            except RescanError as exc:
+                self.errors.append(RunError(conn.source, mailbox, folder, str(exc)))
+            except Exception as exc:  # a connector bug must not end the run silently
+                log.exception("unexpected failure reading %s %s/%s", conn.source, mailbox, folder)
+                self.errors.append(RunError(conn.source, mailbox, folder, f"{type(exc).__name__}: {exc}"))
+
+    def _fetch_batch(self, conn, refs: list[MessageRef]) -> None:
+        self.on_discovered(len(refs))
+        with self._plan_lock:
+            plans = self.planner.plan(refs)
+        to_fetch = []
+        for ref, plan in zip(refs, plans):
+            if plan.kind == "skip":
+                self._q.put(("record", Record(ref, plan.previous, False, False, plan)))
+            elif ref.size is not None and ref.size > self.limits.max_message_size:
+                v = Verdict(
+                    Status.SKIPPED,
+                    problems=(Problem("too-large", f"{ref.size} bytes > --max-message-size {self.limits.max_message_size}"),),
+                )
+                self._q.put(("record", Record(ref, v, plan.was_clean_or_unknown, False, plan)))
+            else:
+                to_fetch.append((ref, plan))
+        if not to_fetch:
+            return
+        by_key = {ref.key: plan for ref, plan in to_fetch}
+        seen = set()
+        try:
+            for ref, raw in conn.fetch([r for r, _ in to_fetch]):
+                seen.add(ref.key)
+                plan = by_key[ref.key]
+                if isinstance(raw, Exception):
+                    self._q.put(("record", Record(ref, error_verdict("fetch", str(raw)), plan.was_clean_or_unknown, False, plan)))
+                    continue
+                if len(raw) > self.limits.max_message_size:
+                    v = Verdict(Status.SKIPPED, problems=(Problem("too-large", f"{len(raw)} bytes > --max-message-size {self.limits.max_message_size}"),))
+                    self._q.put(("record", Record(ref, v, plan.was_clean_or_unknown, False, plan)))
+                    continue
+                if not self.budget.acquire(len(raw), self.stop):
+                    break
+                self._q.put(("scan", ref, raw, plan))
+        except RescanError as exc:
+            detail = str(exc)
+        else:
+            detail = "not returned by the store"
+        for ref, plan in to_fetch:  # nothing is silently skipped
+            if ref.key not in seen:
+                self._q.put(("record", Record(ref, error_verdict("fetch", detail), plan.was_clean_or_unknown, False, plan)))
+
+    # -- scan side (main thread) ----------------------------------------------------------
+    def run(self) -> Iterator[Record]:
+        """Scan every message of every connector; yields each message's Record."""
+        fetchers = [threading.Thread(target=self._fetch_connector, args=(c,), daemon=True) for c in self.connectors]
+        for t in fetchers:
+            t.start()
+        in_flight = 0
+        while True:
+            try:
+                item = self._q.get(timeout=0.2)
+            except queue.Empty:
+                if in_flight == 0 and not any(t.is_alive() for t in fetchers) and self._q.empty():
+                    break
+                continue
+            kind = item[0]
+            if kind == "record":
+                yield item[1]
+            elif kind == "scan":
+                _, ref, raw, plan = item
+                in_flight += 1
+                self._submit(ref, raw, plan)
+            elif kind == "result":
+                _, ref, size, plan, fut = item
+                in_flight -= 1
+                self.budget.release(size)
+                yield self._record(ref, plan, fut)
+        for t in fetchers:
+            t.join()
+
+    def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> None:
+        comps = plan.components if plan.kind == "delta" else None
+        fut = self.executor.submit(scan_message, raw, comps, self.limits, self.cache_key_of(comps), self.passwords)
+        size = len(raw)
+        fut.add_done_callback(lambda f: self._q.put(("result", ref, size, plan, f)))
+
+    def _record(self, ref: MessageRef, plan: Plan, fut: Future) -> Record:
+        try:
+            result: ScanResult = fut.result()
+        except TaskTimeout as exc:
+            v = error_verdict("timeout", f"scan did not finish: {exc}")
+            return Record(ref, v, plan.was_clean_or_unknown, True, plan)
+        except WorkerCrashed as exc:
+            v = error_verdict("crash", str(exc))
+            return Record(ref, v, plan.was_clean_or_unknown, True, plan)
+        except Exception as exc:
+            v = error_verdict("engine", f"{type(exc).__name__}: {exc}")
+            return Record(ref, v, plan.was_clean_or_unknown, True, plan)
+        verdict = result.verdict
+        if plan.kind == "delta" and plan.previous is not None:
+            verdict = merge_delta(plan.previous, verdict, plan.components or ())
+        new = verdict.status is not Status.CLEAN and plan.was_clean_or_unknown
+        return Record(ref, verdict, new, True, plan, result.cache_rows)
+
+
+def merge_delta(previous: Verdict, delta: Verdict, components: Sequence[str]) -> Verdict:
+    """Combine a delta scan with the stored verdict: findings of components not rescanned are
+    kept (``previous`` already has findings of removed components dropped by the planner)."""
+    rescanned = set(components)
+    kept = tuple(f for f in previous.findings if f.namespace not in rescanned)
+    findings = kept + delta.findings
+    problems = delta.problems
+    return Verdict(
+        Verdict.decide(findings, problems),
+        findings,
+        problems,
+        delta.message_id or previous.message_id,
+        delta.subject or previous.subject,
+        delta.bytes_scanned,
+    )

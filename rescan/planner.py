@@ -1,0 +1,59 @@
+"""The planner: compares each ref with its stamp in the state store and the current definitions.
+
+- unknown, or its version token changed, or its last scan failed → ``full`` scan (also when
+  definitions changed for a message that was not fully scanned last time);
+- stamp equal to the current components → ``skip`` (not fetched at all);
+- some components added or changed since its stamp → ``delta``: fetched and scanned with only
+  those components; findings of removed components are dropped.
+``full=True`` (``--full``) ignores stamps.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from rescan.models import Finding, MessageRef, Problem, Status, Verdict
+from rescan.pipeline import Plan
+
+
+def stored_verdict(stored, keep: set[str] | None = None) -> Verdict:
+    """The verdict kept in the state store, with findings limited to components in ``keep``."""
+    findings = tuple(
+        Finding.from_json(f) for f in stored.findings if keep is None or f["namespace"] in keep
+    )
+    problems = tuple(Problem(p["code"], p["detail"], p.get("part")) for p in stored.problems)
+    status = Status(stored.status)
+    if status in (Status.CLEAN, Status.INFECTED):
+        status = Verdict.decide(findings, problems)
+    return Verdict(status, findings, problems, stored.message_id, None, 0)
+
+
+class StatePlanner:
+    """Plans against a ``rescan.state.StateStore`` and the current component fingerprints."""
+
+    def __init__(self, store, components: dict[str, str], full: bool = False):
+        self.store = store
+        self.components = components
+        self.full = full
+
+    def plan(self, refs: Sequence[MessageRef]) -> list[Plan]:
+        """One Plan per ref, in order."""
+        stored = self.store.get_messages([r.key for r in refs])
+        return [self._plan_one(ref, stored.get(ref.key)) for ref in refs]
+
+    def _plan_one(self, ref: MessageRef, s) -> Plan:
+        if s is None or s.version != ref.version:
+            return Plan("full")
+        was_clean = s.status == Status.CLEAN.value
+        if self.full or s.status == Status.ERROR.value:
+            return Plan("full", was_clean_or_unknown=was_clean)
+        cur = self.components
+        stale = tuple(c for c in cur if s.stamp.get(c) != cur[c])
+        removed = any(c not in cur for c in s.stamp)
+        keep = set(cur) if removed else None
+        previous = stored_verdict(s, keep)
+        if not stale:
+            return Plan("skip", previous=previous, was_clean_or_unknown=was_clean, rewrite=removed)
+        if s.status not in (Status.CLEAN.value, Status.INFECTED.value):
+            return Plan("full", was_clean_or_unknown=was_clean)  # a delta cannot mend what was not scanned
+        return Plan("delta", components=stale, previous=previous, was_clean_or_unknown=was_clean)

@@ -1,0 +1,252 @@
+"""A process pool shaped as a ``concurrent.futures.Executor``, with per-task timeouts.
+
+``WorkerPool`` runs tasks in worker processes that each call ``initializer(*initargs)`` once at
+start (to load engines). Unlike ``ProcessPoolExecutor``, one crashing or hanging task does not
+break the pool: a worker that dies fails only its own task with ``WorkerCrashed``, a task that
+runs past ``task_timeout`` has its worker killed and fails with ``TaskTimeout``, and the worker
+is replaced. A recycled worker is a healthy worker: ``max_tasks_per_worker`` bounds how long one
+lives. Task functions must be picklable module-level functions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Executor, Future
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable
+
+from rescan.errors import RescanError
+
+
+class WorkerCrashed(RescanError):
+    """The worker process running the task died (a crash in a native library, OOM kill)."""
+
+
+class TaskTimeout(RescanError):
+    """The task ran longer than the pool's task timeout; its worker was killed."""
+
+
+class InitializerFailed(RescanError):
+    """A worker's initializer raised: no task can run."""
+
+
+def _worker_main(conn: Connection, initializer, initargs) -> None:
+    try:
+        if initializer is not None:
+            initializer(*initargs)
+    except BaseException as exc:  # report and exit: the pool fails every task
+        conn.send(("init-failed", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            return
+        if msg is None:
+            return
+        task_id, fn, args, kwargs = msg
+        try:
+            result = fn(*args, **kwargs)
+            conn.send((task_id, True, result))
+        except BaseException as exc:
+            try:
+                conn.send((task_id, False, exc))
+            except Exception:  # the exception itself cannot be pickled
+                conn.send((task_id, False, RescanError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")))
+
+
+class _Worker:
+    def __init__(self, ctx, initializer, initargs):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, initializer, initargs), daemon=True)
+        self.proc.start()
+        child.close()
+        self.ready = False
+        self.task: tuple[int, Future, float] | None = None  # (id, future, deadline)
+        self.done = 0
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+class WorkerPool(Executor):
+    """An Executor over ``max_workers`` processes (default: the number of cores).
+
+    ``task_timeout`` (seconds, None for no limit) bounds each task; ``max_tasks_per_worker``
+    recycles workers. ``submit`` raises RuntimeError after ``shutdown``.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        task_timeout: float | None = None,
+        max_tasks_per_worker: int | None = 2000,
+        mp_context: str = "spawn",
+    ):
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self._ctx = mp.get_context(mp_context)
+        self._init = (initializer, initargs)
+        self._timeout = task_timeout
+        self._max_tasks = max_tasks_per_worker
+        self._pending: deque[tuple[int, Future, Callable, tuple, dict]] = deque()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wakeup_r, self._wakeup_w = self._ctx.Pipe(duplex=False)
+        self._shutdown = False
+        self._broken: str | None = None
+        self._workers: list[_Worker] = []
+        self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        """Start the workers on the first submit: a run that scans nothing starts no process."""
+        self._workers = [self._spawn() for _ in range(self.max_workers)]
+        self._thread = threading.Thread(target=self._loop, name="rescan-pool", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._ctx, *self._init)
+
+    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
+        """Schedule ``fn(*args, **kwargs)`` in a worker; returns its Future."""
+        fut: Future = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit after shutdown")
+            if self._broken:
+                fut.set_exception(InitializerFailed(self._broken))
+                return fut
+            self._pending.append((next(self._ids), fut, fn, args, kwargs))
+            if self._thread is None:
+                self._start()
+        self._wakeup_w.send(b"")
+        return fut
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers. Pending tasks run first unless ``cancel_futures``."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while self._pending:
+                    self._pending.popleft()[1].cancel()
+        self._wakeup_w.send(b"")
+        if wait and self._thread is not None:
+            self._thread.join()
+
+    # The dispatcher thread: assigns tasks, collects results, replaces dead or late workers.
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                idle_exit = self._shutdown and not self._pending and all(w.task is None for w in self._workers)
+            if idle_exit:
+                break
+            self._assign()
+            now = time.monotonic()
+            deadlines = [w.task[2] for w in self._workers if w.task and w.task[2]]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            ready = wait(
+                [self._wakeup_r] + [w.conn for w in self._workers] + [w.proc.sentinel for w in self._workers],
+                timeout,
+            )
+            if self._wakeup_r in ready:
+                while self._wakeup_r.poll():
+                    self._wakeup_r.recv_bytes()
+            for i, w in enumerate(list(self._workers)):
+                self._service(i, w, ready)
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        for w in self._workers:
+            w.proc.join(5)
+            w.kill()
+
+    def _assign(self) -> None:
+        for w in self._workers:
+            if not w.ready or w.task is not None:
+                continue
+            with self._lock:
+                if not self._pending:
+                    return
+                task_id, fut, fn, args, kwargs = self._pending.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            deadline = time.monotonic() + self._timeout if self._timeout else 0.0
+            w.task = (task_id, fut, deadline)
+            try:
+                w.conn.send((task_id, fn, args, kwargs))
+            except OSError:
+                pass  # the worker died; its sentinel will tell
+            except Exception as exc:  # arguments that cannot be pickled
+                w.task = None
+                fut.set_exception(exc)
+
+    def _replace(self, i: int, w: _Worker, exc: Exception | None) -> None:
+        if w.task is not None and exc is not None:
+            w.task[1].set_exception(exc)
+        w.task = None
+        w.kill()
+        self._workers[i] = self._spawn()
+
+    def _service(self, i: int, w: _Worker, ready: list) -> None:
+        if w.conn in ready or w.proc.sentinel in ready:
+            dead = w.proc.sentinel in ready
+            msg = None
+            try:
+                if w.conn.poll():
+                    msg = w.conn.recv()
+            except (EOFError, OSError):
+                dead = True
+            if msg is not None:
+                self._handle(i, w, msg)
+                return
+            if dead and not self._broken:
+                w.proc.join(1)
+                self._replace(i, w, WorkerCrashed(f"worker process died (exit code {w.proc.exitcode})"))
+                return
+        if w.task and w.task[2] and time.monotonic() >= w.task[2]:
+            self._replace(i, w, TaskTimeout(f"task exceeded {self._timeout:g} s"))
+
+    def _handle(self, i: int, w: _Worker, msg: tuple) -> None:
+        if msg[0] == "ready":
+            w.ready = True
+        elif msg[0] == "init-failed":
+            self._fail_all(msg[1])
+        else:
+            _, ok, value = msg
+            fut = w.task[1]
+            w.task = None
+            w.done += 1
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+            if self._max_tasks and w.done >= self._max_tasks:
+                w.conn.send(None)
+                self._replace(i, w, None)
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            self._broken = reason
+            self._shutdown = True
+            pending = list(self._pending)
+            self._pending.clear()
+        for _, fut, *_ in pending:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(InitializerFailed(reason))
+        for w in self._workers:
+            if w.task:
+                w.task[1].set_exception(InitializerFailed(reason))
+                w.task = None

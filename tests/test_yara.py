@@ -1,0 +1,119 @@
+"""YARA engine: namespaces per file, externals per part, compile errors, subsets, meta."""
+
+import hashlib
+import pickle
+
+import pytest
+
+from rescan.definitions import Definitions
+from rescan.engines.yara import YaraSpec, filetype_of, find_rule_files, fingerprint_rule_file
+from rescan.errors import DefinitionsError
+from rescan.models import Limits, Part
+
+EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR" + b"-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+
+
+def part(data, path="1/file.bin", filename="file.bin"):
+    return Part(path, "application/octet-stream", filename, len(data), hashlib.sha256(data).hexdigest(), data)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESCAN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_each_file_is_a_namespace_named_by_relative_path(tmp_path):
+    write(tmp_path / "r/a.yar", 'rule A { strings: $a = "alpha" condition: $a }')
+    write(tmp_path / "r/sub/b.yara", 'rule B { meta: author = "x" strings: $b = "beta" condition: $b }')
+    write(tmp_path / "r/.hidden/c.yar", 'rule C { strings: $c = "gamma" condition: $c }')
+    spec = YaraSpec([tmp_path / "r"])
+    assert list(spec.components()) == [".hidden/c.yar", "a.yar", "sub/b.yara"]
+    f, p = spec.load().scan_part(part(b"xx alpha beta gamma"))
+    assert p == []
+    assert {(x.rule, x.namespace) for x in f} == {("A", "a.yar"), ("B", "sub/b.yara"), ("C", ".hidden/c.yar")}
+    assert [x.meta for x in f if x.rule == "B"] == [{"author": "x"}]
+
+
+def test_externals_are_set_per_part(tmp_path):
+    write(tmp_path / "ext.yar", """
+rule ByName { condition: filename == "invoice.pdf.exe" and extension == "exe" }
+rule ByPath { condition: filepath == "2/invoice.pdf.exe" }
+rule ByType { condition: filetype == "EXE" }
+""")
+    eng = YaraSpec([tmp_path / "ext.yar"]).load()
+    f, _ = eng.scan_part(part(b"MZ\x90\x00", "2/invoice.pdf.exe", "invoice.pdf.exe"))
+    assert {x.rule for x in f} == {"ByName", "ByPath", "ByType"}
+    f, _ = eng.scan_part(part(b"hello", "3/notes.txt", "notes.txt"))
+    assert f == []
+
+
+def test_compile_error_names_file_and_line(tmp_path):
+    write(tmp_path / "r/good.yar", "rule G { condition: true }")
+    write(tmp_path / "r/bad.yar", "rule Ok { condition: true }\nrule Broken { condition: nosuchthing }\n")
+    with pytest.raises(DefinitionsError) as exc:
+        YaraSpec([tmp_path / "r"])
+    assert "bad.yar(2)" in str(exc.value)
+
+
+def test_missing_path_and_empty_dir(tmp_path):
+    with pytest.raises(DefinitionsError, match="not found"):
+        find_rule_files([tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DefinitionsError, match="no .yar"):
+        find_rule_files([tmp_path / "empty"])
+
+
+def test_fingerprint_follows_includes(tmp_path):
+    inc = write(tmp_path / "common.yar", 'rule Common { strings: $a = "one" condition: $a }')
+    main = write(tmp_path / "main.yar", 'include "common.yar"\nrule M { condition: Common }')
+    before = fingerprint_rule_file(main)
+    inc.write_text('rule Common { strings: $a = "two" condition: $a }')
+    assert fingerprint_rule_file(main) != before
+
+
+def test_subset_scans_only_those_components(tmp_path):
+    write(tmp_path / "r/a.yar", 'rule A { strings: $a = "alpha" condition: $a }')
+    write(tmp_path / "r/b.yar", 'rule B { strings: $b = "alpha" condition: $b }')
+    eng = YaraSpec([tmp_path / "r"]).load()
+    f, _ = eng.scan_part(part(b"alpha"), ["b.yar"])
+    assert [x.rule for x in f] == ["B"]
+    assert eng.scan_part(part(b"alpha"), []) == ([], [])
+
+
+def test_spec_pickles_and_compiled_rules_are_reused(tmp_path):
+    write(tmp_path / "r/a.yar", 'rule A { strings: $a = "alpha" condition: $a }')
+    spec = YaraSpec([tmp_path / "r"])
+    again = pickle.loads(pickle.dumps(spec))
+    assert again.compiled_path == YaraSpec([tmp_path / "r"]).compiled_path
+    assert [x.rule for x in again.load().scan_part(part(b"alpha"))[0]] == ["A"]
+
+
+def test_bundled_rules_find_eicar():
+    spec = YaraSpec([Definitions.build().specs[0].files["eicar.yar"]])
+    f, _ = spec.load().scan_part(part(EICAR))
+    assert [x.rule for x in f] == ["EICAR_Test_File"]
+
+
+def test_filetype_of():
+    assert filetype_of(b"MZ...") == "EXE"
+    assert filetype_of(b"\x7fELF") == "ELF"
+    assert filetype_of(b"plain") == ""
+
+
+def test_definitions_version_changes_with_rules_and_limits(tmp_path):
+    write(tmp_path / "r/a.yar", 'rule A { condition: true }')
+    d1 = Definitions.build([tmp_path / "r"])
+    d2 = Definitions.build([tmp_path / "r"], limits=Limits(max_files=5))
+    assert d1.version != d2.version
+    prev = d1.components()
+    write(tmp_path / "r/b.yar", 'rule B { condition: true }')
+    (tmp_path / "r/a.yar").write_text('rule A2 { condition: true }')
+    d3 = Definitions.build([tmp_path / "r"])
+    assert d3.changes_since(prev) == {"added": ["b.yar"], "changed": ["a.yar"], "removed": []}
+    assert d3.to_json(prev)["changed_since_last_run"]["added"] == ["b.yar"]
