@@ -47,7 +47,7 @@ HOST = "rescan-bench"
 FALLBACK_TIME = 1_000_000_000  # for the few messages whose Date header does not parse
 
 BOMBS_MAILDIR = DATA / "bombs-maildir"
-INFECTED_MAILDIR = DATA / "infected-maildir"
+INFECTED_MAILDIR = DATA / "infected-{count}-maildir"
 
 # The EICAR test file, assembled at run time so this source file is not itself a test file.
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
@@ -345,7 +345,7 @@ def infected_extras() -> list[bytes]:
 def build_infected(count: int) -> None:
     """Build a Maildir of ``count`` corpus messages plus the EICAR messages (idempotent)."""
     extras = infected_extras()
-    root = INFECTED_MAILDIR.with_name(f"{INFECTED_MAILDIR.name}-{count}")
+    root = Path(str(INFECTED_MAILDIR).format(count=count))
     if count_messages(root) == count + len(extras):
         print(f"{root}: complete, {count + len(extras)} messages")
         return
