@@ -20,13 +20,14 @@ import typer
 
 from rescan.config import ScanSettings, SourceSettings, load_config, with_overrides
 from rescan.definitions import Definitions
-from rescan.errors import RescanError, UsageError
+from rescan.errors import RescanError, SourceError, UsageError
 from rescan.models import Limits
 from rescan.report import EXIT_ERROR, Report, now_iso, write_json, write_text
+from rescan.pipeline import RunError
 from rescan.session import StateSession
 
 log = logging.getLogger("rescan")
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Re-scan stored mail against updated malware definitions.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Re-scan stored mail against updated malware definitions.")
 
 
 class Progress:
@@ -80,10 +81,12 @@ def execute(settings: ScanSettings, if_definitions_changed: bool = False) -> int
             except UsageError:
                 raise
             except RescanError as exc:
-                from rescan.pipeline import RunError
-
+                if len(settings.sources) == 1:
+                    raise
                 report.errors.append(RunError(src.url, None, None, str(exc)))
-                print(f"rescan: {src.url}: {exc}", file=sys.stderr)
+                print(f"rescan: error: {exc}", file=sys.stderr)
+        if not connectors:
+            raise SourceError("no source could be opened")
         pool = WorkerPool(
             settings.workers,
             initializer=init_worker,
@@ -301,21 +304,10 @@ def main() -> None:
     """Console entry point: runs the app; a RescanError becomes one line on stderr, exit 2."""
     logging.basicConfig(level=logging.WARNING, format="rescan: %(message)s", stream=sys.stderr)
     try:
-        app(standalone_mode=False)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        app()  # standalone: usage errors print their own message and exit 2
     except RescanError as exc:
         print(f"rescan: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         print("rescan: interrupted", file=sys.stderr)
         sys.exit(EXIT_ERROR)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(EXIT_ERROR)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(EXIT_ERROR)
-        raise

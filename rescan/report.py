@@ -142,7 +142,10 @@ def write_json(report: Report, out: TextIO) -> None:
 
 
 def _size(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def _line(rec: Record) -> str:
