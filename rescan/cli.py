@@ -162,6 +162,20 @@ def _limits(max_message_size, max_filesize, max_scansize, max_files, max_recursi
     return replace(Limits(), **{k: v for k, v in given.items() if v is not None})
 
 
+def parse_source_options(items: List[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings into a dict. Raises UsageError for an item without ``=`` and for
+    keys that would carry a secret (those go through --password-env or --password-file)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--source-option takes KEY=VALUE, not {item!r}")
+        if any(word in key.lower() for word in ("password", "secret", "token")):
+            raise UsageError(f"--source-option {key}: secrets are not accepted on the command line")
+        out[key.strip()] = value.strip()
+    return out
+
+
 @app.command()
 def scan(
     sources: List[str] = typer.Argument(..., help="Sources: maildir:PATH, mbox:PATH, eml:PATH, PATH, imap://user@host, imaps://..., ews://user@host/EWS/Exchange.asmx"),
@@ -186,6 +200,7 @@ def scan(
     mailboxes: Optional[Path] = typer.Option(None, help="File listing mailboxes to scan (admin/impersonation logins)."),
     include: List[str] = typer.Option([], help="Folder glob to include (repeatable)."),
     exclude: List[str] = typer.Option([], help="Folder glob to exclude (repeatable)."),
+    source_option: List[str] = typer.Option([], "--source-option", "-O", help="Connector setting KEY=VALUE (repeatable), e.g. auth=ntlm, mbox_format=mboxo."),
     max_message_size: Optional[int] = typer.Option(None, help="Skip (and report) messages larger than this many bytes."),
     max_filesize: Optional[int] = typer.Option(None, help="Largest extracted part, bytes."),
     max_scansize: Optional[int] = typer.Option(None, help="Most extracted bytes per message."),
@@ -207,6 +222,7 @@ def scan(
             mailboxes_file=str(mailboxes) if mailboxes else None,
             include=tuple(include),
             exclude=tuple(exclude),
+            extra=parse_source_options(source_option),
         )
         for u in sources
     )

@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
-from rescan.errors import FetchError, RescanError, SourceError
+from rescan.errors import AuthError, RescanError
 from rescan.models import Limits, MessageRef, Problem, Status, Verdict
 from rescan.pool import TaskTimeout, WorkerCrashed
 from rescan.scan import ScanResult, scan_message
@@ -134,6 +134,7 @@ class Pipeline:
         self.on_discovered = on_discovered
         self.stop = threading.Event()
         self.errors: list[RunError] = []
+        self.fatal: AuthError | None = None  # credentials refused: the run stops, exit 2
         self.mailboxes: set[tuple[str, str]] = set()
         self.folders: set[tuple[str, str, str]] = set()
         self._q: queue.Queue = queue.Queue()
@@ -148,11 +149,19 @@ class Pipeline:
                 try:
                     for folder in conn.folders(mailbox):
                         units.append((mailbox, folder))
+                except AuthError:
+                    raise
                 except RescanError as exc:
                     self.errors.append(RunError(conn.source, mailbox, None, str(exc)))
+        except AuthError as exc:
+            self._fail(exc)
         except RescanError as exc:
             self.errors.append(RunError(conn.source, None, None, str(exc)))
         return units
+
+    def _fail(self, exc: AuthError) -> None:
+        self.fatal = self.fatal or exc
+        self.stop.set()
 
     def _fetch_connector(self, conn) -> None:
         units = self._units(conn)
@@ -181,6 +190,8 @@ class Pipeline:
                     if self.stop.is_set():
                         return
                     self._fetch_batch(conn, refs)
+            except AuthError as exc:
+                self._fail(exc)
             except RescanError as exc:
                 self.errors.append(RunError(conn.source, mailbox, folder, str(exc)))
             except Exception as exc:  # a connector bug must not end the run silently
@@ -257,6 +268,8 @@ class Pipeline:
                 yield self._record(ref, plan, fut)
         for t in fetchers:
             t.join()
+        if self.fatal is not None:
+            raise self.fatal
 
     def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> None:
         comps = plan.components if plan.kind == "delta" else None

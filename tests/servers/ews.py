@@ -660,6 +660,8 @@ def load_maildir(server: EWSTestServer, mailbox: str, path: Path) -> int:
         for sub in ("cur", "new"):
             if (directory / sub).is_dir():
                 for f in sorted((directory / sub).iterdir()):
+                    if f.name.startswith(".") or not f.is_file():
+                        continue  # Maildir ignores dotfiles
                     flags = f.name.rpartition(":2,")[2] if ":2," in f.name else ""
                     server.seed(mailbox, folder, f.read_bytes(), is_read="S" in flags)
                     count += 1
