@@ -24,6 +24,7 @@ import sys
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
@@ -310,7 +311,7 @@ def build_bombs() -> None:
     print(f"{BOMBS_MAILDIR}: wrote {len(specs)} messages")
 
 
-def bomb_specs() -> list[tuple[str, str, object, int]]:
+def bomb_specs() -> list[tuple[str, str, Callable[[], bytes], int]]:
     """(subject, attachment name, builder, expanded bytes) of each bomb message."""
     gib = 1 << 30
     small = 64 << 20

@@ -112,7 +112,12 @@ def run_tool(label: str, maildir: Path, rules_name: str, rules: Path, workers: i
     output.unlink(missing_ok=True)
     m = run_measured(tool_command(maildir, rules, workers, output, state), cwd=ROOT,
                      env=tool_env())
-    return row(label, rules_name, workers, m, messages, size, {"summary": summary_of(output)})
+    summary = summary_of(output)
+    # A run that did not see every message (a failing folder, say) measures nothing useful.
+    complete = summary.get("messages_seen") == messages
+    return row(label, rules_name, workers, m, messages, size,
+               {"summary": summary, "complete": complete,
+                **({} if complete else {"stderr": m.stderr[-2000:]})})
 
 
 def run_plain(maildir: Path, rules_name: str, messages: int, size: int, tag: str) -> dict[str, object]:
@@ -171,6 +176,8 @@ def run_stamps(maildir: Path, rules_name: str, rules: Path, workers: int, messag
     rows.append(run_tool("stamps: delta +1 file", maildir, rules_name, work, workers, messages,
                          size, tag, state))
     rows.append(run_floor(maildir, workers, messages, size, tag))
+    if not all(r.get("complete", True) for r in rows):
+        return rows, {"stamps": "incomplete runs: see the rows' summary and stderr"}
     full, rerun, delta, floor = (r["wall_s"] for r in rows)
     return rows, {"rerun_speedup": round(full / rerun, 1),
                   "delta_vs_floor": round(delta / floor, 2)}
@@ -195,7 +202,8 @@ def table(rows: list[dict[str, object]]) -> str:
     for r in rows:
         lines.append(f"| {r['run']} | {r['rules']} | {r['workers']} | {r['wall_s']:.2f} | "
                      f"{r['cpu_s']:.1f} | {r['messages_per_s']:.0f} | {r['mb_per_s']:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['load_before']:.1f} | {r['returncode']} |")
+                     f"{r['peak_rss_mb']:.0f} | {r['load_before']:.1f} | {r['returncode']}"
+                     f"{'' if r.get('complete', True) else ' (incomplete)'} |")
     return "\n".join(lines)
 
 
@@ -225,8 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stamps", action="store_true",
                         help="also measure full / rerun / delta / floor with --state")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
+    parser.add_argument("--stamps-only", action="store_true",
+                        help="only the stamps benchmarks (implies --stamps)")
     args = parser.parse_args(argv)
 
+    if args.stamps_only:
+        args.stamps, args.no_plain = True, True
     maildir = corpus(args.corpus)
     files = message_files(maildir)
     messages, size = len(files), sum(f.stat().st_size for f in files)
@@ -240,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         walls: dict[int, dict[str, object]] = {}
         if have_tool:
             rows.append(warm_up(rules_name, rules, tag))
+        if have_tool and not args.stamps_only:
             for n in args.workers:
                 walls[n] = run_tool("tool", maildir, rules_name, rules, n, messages, size, tag)
                 rows.append(walls[n])
@@ -251,11 +264,11 @@ def main(argv: list[str] | None = None) -> None:
             print(table([plain]).splitlines()[-1], file=sys.stderr)
         ratio: dict[str, float] = {}
         lo, hi = min(args.workers), max(args.workers)
-        if have_tool and lo != hi:
+        if walls and lo != hi:
             ratio["all_vs_one"] = round(walls[lo]["wall_s"] / walls[hi]["wall_s"], 2)
-        if have_tool:
+        if walls:
             ratio["peak_rss_mb"] = walls[hi]["peak_rss_mb"]
-        if have_tool and plain is not None:
+        if walls and plain is not None:
             ratio["tool_vs_plain"] = round(plain["wall_s"] / walls[hi]["wall_s"], 2)
             inner = plain["plain"]
             if inner:
