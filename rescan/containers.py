@@ -37,8 +37,10 @@ CHUNK = 64 * 1024  # read size for streamed decompression; small enough to overs
 # bomb needs size to hurt.
 RATIO_FLOOR = 1024 * 1024
 
-# Bound on password guesses per archive: each guess costs a header check or a short read.
+# Bound on password guesses per archive: a zip guess costs a header check or a short read.
 MAX_PASSWORDS = 32
+# A 7z guess costs a full AES key derivation (2^19 SHA-256 rounds, about half a second here).
+MAX_7Z_PASSWORDS = 6
 
 _MAGIC: Sequence[tuple[int, bytes, str]] = (
     (0, b"PK\x03\x04", "zip"),
@@ -100,11 +102,17 @@ class Budget:
 
     def __init__(self, limits: Limits, passwords: Sequence[str], problems: list[Problem]):
         self.limits = limits
-        self.passwords = list(dict.fromkeys(passwords))[:MAX_PASSWORDS]
+        self.passwords: list[str] = []
+        self.add_passwords(passwords)
         self.problems = problems
         self.files = 0
         self.bytes = 0
         self.full = False  # the file limit was hit: nothing more is read or yielded
+        self.decrypted: set[str] = set()  # member paths opened with a password
+
+    def add_passwords(self, passwords: Sequence[str]) -> None:
+        """Append password candidates (duplicates dropped, at most ``MAX_PASSWORDS`` kept)."""
+        self.passwords = list(dict.fromkeys([*self.passwords, *passwords]))[:MAX_PASSWORDS]
 
     def problem(self, code: str, detail: str, part: str | None) -> None:
         """Record a problem. Takes a ``Problem`` code, a detail text and the part path."""
@@ -199,15 +207,16 @@ def sniff(data: bytes) -> str | None:
         return "mbox"
     if _looks_like_headers(data):
         return "message"
-    if _UU_BEGIN.search(data):
+    if b"\0" not in data[:4096] and _UU_BEGIN.search(data):
         return "uu"
     return None
 
 
-def detect_type(data: bytes) -> str:
+def detect_type(data: bytes, kind: str | None = None) -> str:
     """A MIME type for ``data`` from its content: containers, common binaries, else text/plain
-    for NUL-free UTF-8 and application/octet-stream otherwise."""
-    kind = sniff(data)
+    for NUL-free UTF-8 and application/octet-stream otherwise. ``kind`` is ``sniff(data)``
+    when the caller already has it."""
+    kind = kind or sniff(data)
     if kind in _TYPES:
         return _TYPES[kind]
     for magic, ctype in _LEAF_MAGIC:
@@ -276,9 +285,9 @@ def zip_members(data: bytes, path: str, filename: str | None, budget: Budget) ->
         else:
             zf, aes = pyzipper.AESZipFile(io.BytesIO(data)), True
     infos = [i for i in zf.infolist() if not i.is_dir()]
-    overlap = _zip_overlap(data, infos)
-    if overlap:
-        budget.problem("malformed", f"zip: overlapping entries ({overlap})", path)
+    bad_layout = _zip_layout_error(data, infos)
+    if bad_layout:
+        budget.problem("malformed", f"zip: {bad_layout}", path)
         return
     good: list[str] = []
     for info in infos:
@@ -290,7 +299,11 @@ def zip_members(data: bytes, path: str, filename: str | None, budget: Budget) ->
             budget.problem("unsupported", f"zip: {name} compression", mpath)
             continue
         if not info.flag_bits & 1:
-            body = _zip_read(zf, info, None, mpath, budget)
+            try:
+                body = _zip_read(zf, info, None, mpath, budget)
+            except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, OSError, EOFError) as e:
+                budget.problem("malformed", f"zip: {type(e).__name__}: {str(e)[:120]}", mpath)
+                continue
         elif info.compress_type == 99 and not aes:
             budget.problem("unsupported", "zip: AES encryption needs pyzipper", mpath)
             continue
@@ -319,25 +332,27 @@ def _zip_decrypt(zf: zipfile.ZipFile, info: zipfile.ZipInfo, mpath: str, budget:
             continue
         if body is not None or len(budget.problems) > problems_before:
             good.insert(0, pw)
+            budget.decrypted.add(mpath)
             return body
     budget.problem("encrypted", "zip: no known password opens it", mpath)
     return None
 
 
-def _zip_overlap(data: bytes, infos: list[zipfile.ZipInfo]) -> str | None:
-    """Describe the first pair of entries whose local records overlap, else None."""
+def _zip_layout_error(data: bytes, infos: list[zipfile.ZipInfo]) -> str | None:
+    """Describe an entry without a local record or the first pair of entries whose local
+    records overlap (a bomb reusing one compressed blob); None for a sound layout."""
     spans = []
     for info in infos:
         start = info.header_offset
         head = data[start : start + 30]
         if len(head) < 30 or head[:4] != b"PK\x03\x04":
-            return f"{info.filename!r} has no local header"
+            return f"entry {info.filename!r} has no local header"
         name_len, extra_len = struct.unpack("<HH", head[26:30])
         spans.append((start, start + 30 + name_len + extra_len + info.compress_size, info.filename))
     spans.sort()
     for (_, end, name), (start, _, nxt) in zip(spans, spans[1:]):
         if start < end:
-            return f"{name!r} and {nxt!r}"
+            return f"overlapping entries {name!r} and {nxt!r}"
     return None
 
 
@@ -430,7 +445,7 @@ def sevenzip_members(data: bytes, path: str, filename: str | None,
             encrypted = probe.needs_password()
     except py7zr.exceptions.PasswordRequired:
         encrypted = True  # the header itself is encrypted
-    candidates: list[str | None] = list(budget.passwords) if encrypted else [None]
+    candidates: list[str | None] = budget.passwords[:MAX_7Z_PASSWORDS] if encrypted else [None]
     for pw in candidates:
         problems_before = len(budget.problems)
         try:
@@ -440,6 +455,8 @@ def sevenzip_members(data: bytes, path: str, filename: str | None,
                 raise
             del budget.problems[problems_before:]
             continue
+        if pw is not None:
+            budget.decrypted.update(f"{path}/{name}" for name, _ in members)
         yield from members
         return
     budget.problem("encrypted", "7z: no known password opens it", path)

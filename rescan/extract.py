@@ -16,8 +16,10 @@ Anything not reached (a limit, an encrypted or unsupported archive, malformed MI
 
 from __future__ import annotations
 
+import binascii
 import email
 import hashlib
+import quopri
 import re
 from email.generator import BytesGenerator
 from email.header import decode_header, make_header
@@ -65,9 +67,12 @@ class Extraction:
         self._limits = limits
         self._passwords = tuple(passwords)
         self.problems = []
-        headers = BytesHeaderParser(policy=compat32).parsebytes(split_headers(raw)[0])
-        self.message_id = _header_text(headers.get("message-id"))
-        self.subject = _header_text(headers.get("subject"))
+        try:
+            headers = BytesHeaderParser(policy=compat32).parsebytes(split_headers(raw)[0])
+            self.message_id = _header_text(headers.get("message-id"))
+            self.subject = _header_text(headers.get("subject"))
+        except Exception:  # unreadable headers: the parts are still extracted and scanned
+            self.message_id = self.subject = None
 
     def __iter__(self) -> Iterator[Part]:
         self.problems.clear()
@@ -118,9 +123,12 @@ class _Walker:
                 self.budget.problem("malformed", f"MIME: {type(e).__name__}", prefix or None)
                 yield from self._emit(_join(prefix, "1"), "text/plain", None, body, depth)
                 return
-        if harvest:
-            self.budget.passwords = _unique(self.budget.passwords + password_hints(msg))
-        yield from self._entity(msg, [], prefix, depth)
+        try:
+            if harvest:
+                self.budget.add_passwords(password_hints(msg))
+            yield from self._entity(msg, [], prefix, depth)
+        except Exception as e:  # a structure the email package cannot walk: keep what we have
+            self.budget.problem("malformed", f"MIME: {type(e).__name__}", prefix or None)
 
     def _entity(self, ent: Message, sections: list[int], prefix: str,
                 depth: int) -> Iterator[Part]:
@@ -136,6 +144,11 @@ class _Walker:
             if ent.get_content_maintype() != "message":
                 for i, child in enumerate(payload, 1):
                     yield from self._entity(child, sections + [i], prefix, depth)
+                return
+            encoded = _encoded_message(ent, payload)
+            if encoded is not None:  # a base64 or quoted-printable message/rfc822 (RFC 2046 forbids it; mailers do it)
+                filename = _filename(ent) or "message.eml"
+                yield from self._emit(_join(prefix, section, filename), "message/rfc822", filename, encoded, depth)
                 return
             if ent.get_content_subtype() != "delivery-status" and payload:
                 yield from self._nested(ent, payload[0], section, prefix, depth)
@@ -154,7 +167,7 @@ class _Walker:
         data = _flatten(sub)
         if not self.budget.admit(path, len(data)):
             return
-        yield _part(path, "message/rfc822", filename, data)
+        yield _part(path, "message/rfc822", filename, data, self._decrypted(path))
         if depth + 1 > self.limits.max_recursion:
             self._too_deep(path)
             return
@@ -175,12 +188,14 @@ class _Walker:
             self.budget.problem("malformed", f"MIME: {type(defect).__name__}", where)
         return data if isinstance(data, bytes) else _payload_bytes(ent)
 
-    def _emit(self, path: str, ctype: str, filename: str | None, data: bytes,
+    def _emit(self, path: str, ctype: str | None, filename: str | None, data: bytes,
               depth: int) -> Iterator[Part]:
+        """Yield one part (typed by content when ``ctype`` is None), then, if its content is
+        a container, its members."""
         if not self.budget.admit(path, len(data)):
             return
-        yield _part(path, ctype, filename, data)
         kind = sniff(data)
+        yield _part(path, ctype or detect_type(data, kind), filename, data, self._decrypted(path))
         if kind is None:
             return
         if depth + 1 > self.limits.max_recursion:
@@ -191,9 +206,13 @@ class _Walker:
             return
         try:
             for name, body in READERS[kind](data, path, filename, self.budget):
-                yield from self._emit(f"{path}/{name}", detect_type(body), name, body, depth + 1)
+                yield from self._emit(f"{path}/{name}", None, name, body, depth + 1)
         except Exception as e:  # one boundary for every archive library's errors
             self.budget.problem("malformed", f"{kind}: {type(e).__name__}: {str(e)[:120]}", path)
+
+    def _decrypted(self, path: str) -> bool:
+        """True for a member of an archive opened with a password, at any depth below it."""
+        return any(path == d or path.startswith(d + "/") for d in self.budget.decrypted)
 
     def _too_deep(self, path: str) -> None:
         self.budget.problem(
@@ -220,7 +239,7 @@ def password_hints(msg: Message) -> list[str]:
     for text in texts:
         for m in _PASSWORD_HINT.finditer(text):
             words = [w for w in m.group(1).split() if w.strip(_PUNCT).lower() not in _HINT_FILLER]
-            for word in words[:3]:
+            for word in words[:2]:
                 found += [word.strip(_PUNCT), word]
     return _unique([w for w in found if w])
 
@@ -235,8 +254,8 @@ def _known_charset(charset: str | None) -> bool:
         return False
 
 
-def _part(path: str, ctype: str, filename: str | None, data: bytes) -> Part:
-    return Part(path, ctype, filename, len(data), hashlib.sha256(data).hexdigest(), data)
+def _part(path: str, ctype: str, filename: str | None, data: bytes, decrypted: bool = False) -> Part:
+    return Part(path, ctype, filename, len(data), hashlib.sha256(data).hexdigest(), data, decrypted)
 
 
 def _join(*pieces: str | None) -> str:
@@ -264,6 +283,22 @@ def _payload_bytes(ent: Message) -> bytes:
     if isinstance(payload, str):  # compat32 keeps undecodable bytes as surrogate escapes
         return payload.encode("utf-8", "surrogateescape")
     return b""
+
+
+def _encoded_message(ent: Message, payload: list) -> bytes | None:
+    """The decoded bytes of a message/* entity sent with a base64 or quoted-printable
+    transfer encoding (which the parser cannot see through), else None."""
+    cte = str(ent.get("content-transfer-encoding", "")).strip().lower()
+    if cte not in ("base64", "quoted-printable") or not payload:
+        return None
+    text = b"".join(_flatten(p) for p in payload)
+    if cte == "quoted-printable":
+        return quopri.decodestring(text)
+    data = b"".join(text.split())
+    try:
+        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+    except binascii.Error:
+        return data  # not base64 after all: scan the text as it is
 
 
 def _flatten(msg: Message) -> bytes:

@@ -85,6 +85,8 @@ class Problem:
 class Part:
     """One scannable piece of a message: the header block, a decoded MIME leaf, a nested
     message, an archive member. ``path`` looks like ``2/invoice.zip/payload.exe``.
+    ``decrypted`` marks what came out of an archive opened with a password: engines that
+    unpack messages on their own (ClamAV) cannot reach it, so it is handed to them as a part.
     """
 
     path: str
@@ -93,6 +95,7 @@ class Part:
     size: int
     sha256: str
     data: bytes = field(repr=False, compare=False, default=b"")
+    decrypted: bool = False
 
 
 @dataclass(frozen=True)

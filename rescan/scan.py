@@ -50,6 +50,8 @@ def _scan_part(
     findings: list[Finding] = []
     problems: list[Problem] = []
     for engine in _engines:
+        if engine.unpacks_messages and not part.decrypted:
+            continue
         f, p = engine.scan_part(part, components)
         findings += f
         problems += p

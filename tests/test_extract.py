@@ -7,6 +7,7 @@ import hashlib
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,6 @@ def run(raw: bytes, limits: Limits = Limits(), passwords=("infected",)):
 
 def eicar_paths(parts: dict) -> list[str]:
     return sorted(path for path, p in parts.items() if p.data == EICAR)
-
-
-def codes(x) -> list[str]:
-    return [p.code for p in x.problems]
 
 
 # --- MIME -----------------------------------------------------------------------------------
@@ -373,3 +370,11 @@ def test_7z_writes_no_files(tmp_path, monkeypatch):
     _, parts = run(raw)
     assert eicar_paths(parts) == ["2/s.7z/a/b.txt"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zip_member_with_bad_crc_is_malformed_and_others_still_scanned():
+    good = ("e.com", 0, 0, EICAR, zlib.crc32(EICAR), len(EICAR))
+    bad = ("bad.bin", 0, 0, b"payload", 1234, 7)
+    x, parts = run(message("x", (raw_zip([bad, good]), "application/zip", "c.zip")))
+    assert eicar_paths(parts) == ["2/c.zip/e.com"]
+    assert [(p.code, p.part) for p in x.problems] == [("malformed", "2/c.zip/bad.bin")]

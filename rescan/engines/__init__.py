@@ -26,6 +26,9 @@ class Engine(ABC):
     """A loaded engine, living inside one worker process."""
 
     name: ClassVar[str]
+    # True for engines that unpack whole messages themselves (ClamAV): they get the raw
+    # message, and of the parts only those they cannot reach (``Part.decrypted``).
+    unpacks_messages: ClassVar[bool] = False
 
     @abstractmethod
     def scan_part(self, part: Part, components: Collection[str] | None = None) -> ScanOutput:

@@ -54,6 +54,7 @@ class ClamdEngine(Engine):
     """
 
     name = COMPONENT
+    unpacks_messages = True
 
     def __init__(
         self,
