@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -108,7 +109,8 @@ def row(label: str, rules: str, workers: int, m: Measured, messages: int, size: 
 def run_tool(label: str, maildir: Path, rules_name: str, rules: Path, workers: int,
              messages: int, size: int, tag: str, state: Path | None = None) -> dict[str, object]:
     """Run the tool once and return its row (with the report's summary)."""
-    output = RESULTS / f"{tag}-{label}-{rules_name}-w{workers}.report.json"
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    output = RESULTS / f"{tag}-{slug}-{rules_name}-w{workers}.report.json"
     output.unlink(missing_ok=True)
     m = run_measured(tool_command(maildir, rules, workers, output, state), cwd=ROOT,
                      env=tool_env())
