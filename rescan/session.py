@@ -51,6 +51,7 @@ class StateSession:
         self.cache_path: str | None = None
         self.run_id: int | None = None
         self._pending: list[Record] = []
+        self._planner_store = None
         self._last_commit = time.monotonic()
 
     @classmethod
@@ -87,6 +88,8 @@ class StateSession:
             if exc is not None and self.run_id is not None:
                 self.store.end_run(self.run_id, {"error": str(exc)}, complete=False)
         finally:
+            if self._planner_store is not None:
+                self._planner_store.close()
             self.store.release_lock()
             self.store.close()
 
@@ -95,8 +98,11 @@ class StateSession:
         if self.store is None:
             return FullScanPlanner()
         from rescan.planner import StatePlanner
+        from rescan.state import StateStore
 
-        return StatePlanner(self.store, self.components, self.full)
+        # The planner runs in the fetch threads (one at a time): it gets its own connection.
+        self._planner_store = StateStore(self.store.path, threads=True)
+        return StatePlanner(self._planner_store, self.components, self.full)
 
     def cache_key_of(self, components: tuple[str, ...] | None) -> str | None:
         """Verdict-cache key of a component set (None without a state store)."""

@@ -242,7 +242,10 @@ class StateStore:
         " problems, first_seen_run, last_scan_run, action, action_detail"
     )
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: bool = False):
+        """Open (and create or migrate) the state file. ``threads=True`` lets the store be
+        used from other threads than the one that opened it, one call at a time (the caller
+        serialises). Raises StateError."""
         self.path = Path(path)
         self._lock_token: str | None = None
         self._stamps: dict[int, dict[str, str]] = {}
@@ -253,7 +256,8 @@ class StateStore:
             raise StateError(f"state {self.path}: cannot create its directory: {e.strerror}") from e
         with self._errors():
             self._db = sqlite3.connect(
-                self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000
+                self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000,
+                check_same_thread=not threads,
             )
             try:
                 self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -698,7 +702,10 @@ class CacheReader:
     reads as a cache miss: the part is then simply scanned.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: bool = False):
+        """Open (and create or migrate) the state file. ``threads=True`` lets the store be
+        used from other threads than the one that opened it, one call at a time (the caller
+        serialises). Raises StateError."""
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
 
