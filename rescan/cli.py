@@ -24,7 +24,7 @@ from rescan.errors import RescanError, SourceError, UsageError
 from rescan.models import Limits
 from rescan.report import EXIT_ERROR, Report, now_iso, write_json, write_text
 from rescan.pipeline import RunError
-from rescan.session import StateSession
+from rescan.session import StateSession, previous_components
 
 log = logging.getLogger("rescan")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Re-scan stored mail against updated malware definitions.")
@@ -65,15 +65,15 @@ def execute(settings: ScanSettings, if_definitions_changed: bool = False) -> int
     from rescan.scan import init_worker
 
     definitions = Definitions.build(settings.rules, settings.clamd, settings.limits)
+    if if_definitions_changed and previous_components(settings.state) == definitions.components():
+        print("rescan: definitions unchanged since the last complete run; nothing to do", file=sys.stderr)
+        return 0
     start = now_iso()
     t0 = time.monotonic()
     report = Report(start=start, sources=[s.url for s in settings.sources])
     with contextlib.ExitStack() as stack:
         session = stack.enter_context(StateSession.open(settings, definitions))
         report.definitions = definitions.to_json(session.previous_components)
-        if if_definitions_changed and session.previous_components == definitions.components():
-            print("rescan: definitions unchanged since the last complete run; nothing to do", file=sys.stderr)
-            return 0
         connectors = []
         for src in settings.sources:
             try:
@@ -129,7 +129,7 @@ def execute(settings: ScanSettings, if_definitions_changed: bool = False) -> int
             report.actions = apply_actions(connectors, report.records, settings, session)
         report.end = now_iso()
         report.duration = time.monotonic() - t0
-        session.finish(report)
+        session.finish(report, pipeline.enumerated)
     write_report(report, settings)
     return report.exit_code
 
@@ -281,8 +281,6 @@ def rules(
 ) -> None:
     """Show the definitions version, each rule file with its rule count, and what changed."""
     import json
-
-    from rescan.session import previous_components
 
     definitions = Definitions.build([str(r) for r in rules], clamd)
     info = definitions.to_json(previous_components(state))

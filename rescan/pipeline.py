@@ -47,6 +47,7 @@ class Record:
     scanned: bool  # scanned in this run (False: its stamp was current)
     plan: Plan = field(default_factory=lambda: Plan("full"))
     cache_rows: tuple = ()
+    parts_from_cache: int = 0  # parts answered by the verdict cache instead of an engine
 
 
 class Planner(Protocol):
@@ -111,6 +112,8 @@ class Pipeline:
     ``executor`` runs ``rescan.scan.scan_message`` (a ``WorkerPool`` whose initializer is
     ``rescan.scan.init_worker``). ``cache_key_of(components)`` gives the verdict-cache key of a
     component set (None disables the cache). ``stop`` ends the run at a batch boundary.
+    ``enumerated`` holds the (source, mailbox, folder) whose listing ran to its end without an
+    error: every message of such a folder got a record (unless the run was stopped).
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Pipeline:
         self.fatal: AuthError | None = None  # credentials refused: the run stops, exit 2
         self.mailboxes: set[tuple[str, str]] = set()
         self.folders: set[tuple[str, str, str]] = set()
+        self.enumerated: set[tuple[str, str, str]] = set()  # folders listed to the end without error
         self._q: queue.Queue = queue.Queue()
         self._plan_lock = threading.Lock()
 
@@ -190,6 +194,8 @@ class Pipeline:
                     if self.stop.is_set():
                         return
                     self._fetch_batch(conn, refs)
+                if not self.stop.is_set():
+                    self.enumerated.add((conn.source, mailbox, folder))
             except AuthError as exc:
                 self._fail(exc)
             except RescanError as exc:
@@ -236,6 +242,8 @@ class Pipeline:
             detail = str(exc)
         else:
             detail = "not returned by the store"
+        if self.stop.is_set():
+            return  # stopped: what was not fetched is left for the next run
         for ref, plan in to_fetch:  # nothing is silently skipped
             if ref.key not in seen:
                 self._q.put(("record", Record(ref, error_verdict("fetch", detail), plan.was_clean_or_unknown, False, plan)))
@@ -246,12 +254,17 @@ class Pipeline:
         fetchers = [threading.Thread(target=self._fetch_connector, args=(c,), daemon=True) for c in self.connectors]
         for t in fetchers:
             t.start()
-        in_flight = 0
+        in_flight: set[Future] = set()
+        cancelled = False
         while True:
+            if self.stop.is_set() and not cancelled:  # scans not started are left for the next run
+                cancelled = True
+                for fut in list(in_flight):
+                    fut.cancel()
             try:
                 item = self._q.get(timeout=0.2)
             except queue.Empty:
-                if in_flight == 0 and not any(t.is_alive() for t in fetchers) and self._q.empty():
+                if not in_flight and not any(t.is_alive() for t in fetchers) and self._q.empty():
                     break
                 continue
             kind = item[0]
@@ -259,23 +272,27 @@ class Pipeline:
                 yield item[1]
             elif kind == "scan":
                 _, ref, raw, plan = item
-                in_flight += 1
-                self._submit(ref, raw, plan)
+                if self.stop.is_set():
+                    self.budget.release(len(raw))
+                else:
+                    in_flight.add(self._submit(ref, raw, plan))
             elif kind == "result":
                 _, ref, size, plan, fut = item
-                in_flight -= 1
+                in_flight.discard(fut)
                 self.budget.release(size)
-                yield self._record(ref, plan, fut)
+                if not fut.cancelled():
+                    yield self._record(ref, plan, fut)
         for t in fetchers:
             t.join()
         if self.fatal is not None:
             raise self.fatal
 
-    def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> None:
+    def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> Future:
         comps = plan.components if plan.kind == "delta" else None
         fut = self.executor.submit(scan_message, raw, comps, self.limits, self.cache_key_of(comps), self.passwords)
         size = len(raw)
         fut.add_done_callback(lambda f: self._q.put(("result", ref, size, plan, f)))
+        return fut
 
     def _record(self, ref: MessageRef, plan: Plan, fut: Future) -> Record:
         try:
@@ -293,7 +310,7 @@ class Pipeline:
         if plan.kind == "delta" and plan.previous is not None:
             verdict = merge_delta(plan.previous, verdict, plan.components or ())
         new = verdict.status is not Status.CLEAN and plan.was_clean_or_unknown
-        return Record(ref, verdict, new, True, plan, result.cache_rows)
+        return Record(ref, verdict, new, True, plan, result.cache_rows, result.parts_from_cache)
 
 
 def merge_delta(previous: Verdict, delta: Verdict, components: Sequence[str]) -> Verdict:

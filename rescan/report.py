@@ -34,6 +34,7 @@ class Summary:
     errors: int = 0
     skipped: int = 0
     bytes_scanned: int = 0
+    parts_from_cache: int = 0  # parts answered by the verdict cache (same content seen before)
     mailboxes: int = 0
     folders: int = 0
 
@@ -46,6 +47,7 @@ class Summary:
         elif rec.scanned and st is not Status.ERROR:
             self.messages_scanned += 1
             self.bytes_scanned += rec.verdict.bytes_scanned
+            self.parts_from_cache += rec.parts_from_cache
         if st is Status.INFECTED:
             self.infected += 1
             self.new_infected += rec.new

@@ -21,10 +21,12 @@ _cache = None  # a read-only verdict cache (rescan.state.CacheReader) or None
 
 @dataclass(frozen=True)
 class ScanResult:
-    """A verdict and the cache rows learned while reaching it: (sha256, key, findings)."""
+    """A verdict, the cache rows learned while reaching it (sha256, key, findings), and how
+    many parts were answered from the verdict cache instead of being scanned."""
 
     verdict: Verdict
     cache_rows: tuple[tuple[str, str, list[dict]], ...] = field(default=())
+    parts_from_cache: int = 0
 
 
 def init_worker(specs: list[EngineSpec], cache_path: str | None = None) -> None:
@@ -40,13 +42,13 @@ def init_worker(specs: list[EngineSpec], cache_path: str | None = None) -> None:
 
 def _scan_part(
     part: Part, components: Collection[str] | None, cache_key: str | None
-) -> tuple[list[Finding], list[Problem], tuple | None]:
+) -> tuple[list[Finding], list[Problem], tuple | None, bool]:
     if part.path == "headers" or part.size < CACHE_MIN_SIZE:
         cache_key = None
     if _cache is not None and cache_key:
         hit = _cache.get(part.sha256, cache_key)
         if hit is not None:
-            return [_relocate(Finding.from_json(f), part) for f in hit], [], None
+            return [_relocate(Finding.from_json(f), part) for f in hit], [], None, True
     findings: list[Finding] = []
     problems: list[Problem] = []
     for engine in _engines:
@@ -58,7 +60,7 @@ def _scan_part(
     row = None
     if cache_key and not problems:
         row = (part.sha256, cache_key, [f.to_json() for f in findings])
-    return findings, problems, row
+    return findings, problems, row, False
 
 
 def _relocate(finding: Finding, part: Part) -> Finding:
@@ -87,11 +89,13 @@ def scan_message(
         problems += p
     ext = extract(raw, limits, passwords)
     scanned = 0
+    from_cache = 0
     for part in ext:
-        f, p, row = _scan_part(part, components, cache_key)
+        f, p, row, hit = _scan_part(part, components, cache_key)
         findings += f
         problems += p
         scanned += part.size
+        from_cache += hit
         if row is not None:
             rows.append(row)
     problems += ext.problems
@@ -103,4 +107,4 @@ def scan_message(
         subject=ext.subject,
         bytes_scanned=scanned,
     )
-    return ScanResult(verdict, tuple(rows))
+    return ScanResult(verdict, tuple(rows), from_cache)

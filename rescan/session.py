@@ -3,7 +3,9 @@
 ``StateSession.open(settings, definitions)`` is a context manager. Without ``settings.state``
 it is a null session (no stamps, no cache: every message is scanned). With it, it takes the
 lock (a second live run fails with LockedError, exit 2), records the run, plans against
-stamps, and commits records in batches so a crash loses at most the current batch.
+stamps, and commits records in batches so a crash loses at most the current batch. At the
+end of a complete run, messages of a fully listed folder that were not seen (expunged from the
+store) are forgotten.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 from rescan.definitions import Definitions
 from rescan.models import Status
@@ -51,6 +54,7 @@ class StateSession:
         self.cache_path: str | None = None
         self.run_id: int | None = None
         self._pending: list[Record] = []
+        self._seen: dict[tuple[str, str, str], set[str]] = {}  # ids seen this run, per folder
         self._planner_store = None
         self._last_commit = time.monotonic()
 
@@ -109,8 +113,13 @@ class StateSession:
         return None if self.store is None else self.definitions.fingerprint_of(components)
 
     def add(self, rec: Record) -> None:
-        """Queue a record for the next batch commit; commit when the batch is full."""
-        if self.store is None or (rec.plan.kind == "skip" and not rec.plan.rewrite):
+        """Note the message as seen; queue its record for the next batch commit; commit when
+        the batch is full."""
+        if self.store is None:
+            return
+        r = rec.ref
+        self._seen.setdefault((r.source, r.mailbox, r.folder), set()).add(r.id)
+        if rec.plan.kind == "skip" and not rec.plan.rewrite:
             return
         self._pending.append(rec)
         if len(self._pending) >= COMMIT_EVERY or time.monotonic() - self._last_commit > COMMIT_SECONDS:
@@ -156,11 +165,20 @@ class StateSession:
         if self.store is not None:
             self.store.mark_action(key, action, detail)
 
-    def finish(self, report) -> None:
-        """Commit what is left and close the run in the history."""
+    def finish(self, report, enumerated: Iterable[tuple[str, str, str]] = ()) -> None:
+        """Commit what is left, forget messages gone from the store, close the run in the
+        history. ``enumerated`` names the (source, mailbox, folder) listed to the end without
+        error; when the run is complete, their known messages not seen in this run are deleted
+        from the state."""
         if self.store is None:
             return
         self.flush()
+        if report.complete:
+            for folder in enumerated:
+                seen = self._seen.get(folder, set())
+                gone = [m.key for m in self.store.messages_in_folder(*folder) if m.id not in seen]
+                if gone:
+                    self.store.forget(gone)
         self.store.end_run(self.run_id, report.summary.to_json(), complete=report.complete and not report.errors)
 
 
@@ -190,6 +208,6 @@ def show_status(state: str | None, rules: list[str], fmt: str) -> None:
         print(
             f"{r['source']} {r['mailbox']}: {r['messages']} messages, "
             f"{r['coverage']:.1f}% scanned with current definitions, {r['infected']} infected, "
-            f"last scanned {r.get('last_run') or '-'}"
+            f"last scanned {r.get('last_scan') or '-'}"
         )
     sys.stdout.flush()

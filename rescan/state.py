@@ -702,10 +702,7 @@ class CacheReader:
     reads as a cache miss: the part is then simply scanned.
     """
 
-    def __init__(self, path: str | Path, threads: bool = False):
-        """Open (and create or migrate) the state file. ``threads=True`` lets the store be
-        used from other threads than the one that opened it, one call at a time (the caller
-        serialises). Raises StateError."""
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         self._db: sqlite3.Connection | None = None
 

@@ -44,6 +44,7 @@ auth_master_user_separator = *
 auth_failure_delay = 0
 log_path = {dir}/dovecot.log
 mail_location = maildir:{dir}/mail/%u
+mail_fsync = never
 default_login_user = dovenull
 default_internal_user = dovecot
 first_valid_uid = 1
