@@ -45,6 +45,7 @@ class SourceSettings:
     password_env: str = "RESCAN_PASSWORD"
     password_file: str | None = None
     token_file: str | None = None
+    token_command: str | None = None  # prints an OAuth2 access token (run without a shell)
     ca_file: str | None = None
     insecure: bool = False
     connections: int = 4
@@ -58,6 +59,8 @@ class SourceSettings:
         Raises UsageError when a referenced file cannot be read."""
         password = Secret.from_file(self.password_file) if self.password_file else Secret.from_env(self.password_env)
         token = Secret.from_file(self.token_file) if self.token_file else None
+        if self.token_command:
+            token = Secret.from_command(self.token_command)
         mailboxes: tuple[str, ...] = ()
         if self.mailboxes_file:
             try:

@@ -35,6 +35,19 @@ class StatePlanner:
         self.store = store
         self.components = components
         self.full = full
+        self._diffs: dict[int, tuple[dict, tuple[str, ...], bool]] = {}
+
+    def _diff(self, stamp: dict[str, str]) -> tuple[tuple[str, ...], bool]:
+        """(components stale in ``stamp``, whether it names removed ones). Messages share a few
+        distinct stamp objects (the store hands out one dict per distinct stamp), so each is
+        compared once per run, not once per message."""
+        hit = self._diffs.get(id(stamp))
+        if hit is None or hit[0] is not stamp:
+            cur = self.components
+            stale = tuple(c for c in cur if stamp.get(c) != cur[c])
+            hit = (stamp, stale, any(c not in cur for c in stamp))
+            self._diffs[id(stamp)] = hit
+        return hit[1], hit[2]
 
     def plan(self, refs: Sequence[MessageRef]) -> list[Plan]:
         """One Plan per ref, in order."""
@@ -47,10 +60,8 @@ class StatePlanner:
         was_clean = s.status == Status.CLEAN.value
         if self.full or s.status == Status.ERROR.value:
             return Plan("full", was_clean_or_unknown=was_clean)
-        cur = self.components
-        stale = tuple(c for c in cur if s.stamp.get(c) != cur[c])
-        removed = any(c not in cur for c in s.stamp)
-        keep = set(cur) if removed else None
+        stale, removed = self._diff(s.stamp)
+        keep = set(self.components) if removed else None
         previous = stored_verdict(s, keep)
         if not stale:
             return Plan("skip", previous=previous, was_clean_or_unknown=was_clean, rewrite=removed)

@@ -36,6 +36,22 @@ class Secret:
         return cls(value) if value else None
 
     @classmethod
+    def from_command(cls, command: str, timeout: float = 60) -> Secret:
+        """The first line a command prints (run without a shell, e.g. a token helper).
+        Raises UsageError when it fails; its output is never shown."""
+        import shlex
+        import subprocess
+
+        try:
+            done = subprocess.run(shlex.split(command), capture_output=True, timeout=timeout, text=True)
+        except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+            raise UsageError(f"token command failed: {type(exc).__name__}") from None
+        lines = done.stdout.splitlines()
+        if done.returncode != 0 or not lines or not lines[0].strip():
+            raise UsageError(f"token command exited {done.returncode} without printing a token")
+        return cls(lines[0].strip())
+
+    @classmethod
     def from_file(cls, path: str | Path) -> Secret:
         """The first line of a file. Raises UsageError when it cannot be read."""
         try:

@@ -94,3 +94,14 @@ def test_imap_password_file(dovecot, tmp_path):
     pw.write_text(USERS["alice"] + "\n")
     r = rescan("scan", dovecot.url("alice"), "--password-file", pw, "-q", env={"RESCAN_PASSWORD": ""})
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_imap_oauth_token_from_a_command(dovecot, tmp_path):
+    helper = tmp_path / "token-helper.sh"
+    helper.write_text(f"#!/bin/sh\necho {USERS['carol']}\n")
+    helper.chmod(0o700)
+    r = rescan("scan", dovecot.url("carol"), "--token-command", str(helper), "-q", env={"RESCAN_PASSWORD": ""})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert USERS["carol"] not in r.stdout + r.stderr
+    r = rescan("scan", dovecot.url("carol"), "--token-command", "false", "-q", env={"RESCAN_PASSWORD": ""})
+    assert r.returncode == 2 and "token command" in r.stderr
