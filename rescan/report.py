@@ -205,7 +205,7 @@ def write_text(report: Report, out: TextIO) -> None:
         ("Up to date (not rescanned)", s.up_to_date),
         ("Infected messages", f"{s.infected} ({s.new_infected} new)"),
         ("Partially scanned", s.partial),
-        ("Errors", s.errors + len(report.errors)),
+        ("Errors", f"{s.errors}" + (f" (and {len(report.errors)} unreadable stores or folders)" if report.errors else "")),
         ("Skipped", s.skipped),
         ("Data scanned", _size(s.bytes_scanned)),
         ("Time", f"{report.duration:.3f} sec"),

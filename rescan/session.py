@@ -176,7 +176,7 @@ class StateSession:
         if report.complete:
             for folder in enumerated:
                 seen = self._seen.get(folder, set())
-                gone = [m.key for m in self.store.messages_in_folder(*folder) if m.id not in seen]
+                gone = [(*folder, id) for id in self.store.ids_in_folder(*folder) if id not in seen]
                 if gone:
                     self.store.forget(gone)
         self.store.end_run(self.run_id, report.summary.to_json(), complete=report.complete and not report.errors)
