@@ -93,10 +93,17 @@ class WorkerPool(Executor):
         initargs: tuple = (),
         task_timeout: float | None = None,
         max_tasks_per_worker: int | None = 2000,
-        mp_context: str = "spawn",
+        mp_context: str | None = None,
+        preload: tuple[str, ...] = (),
     ):
         self.max_workers = max_workers or os.cpu_count() or 1
+        # forkserver where there is one: a fresh, single-threaded parent for every worker
+        # (the pipeline's own threads are never forked), and cheap to start with ``preload``.
+        if mp_context is None:
+            mp_context = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         self._ctx = mp.get_context(mp_context)
+        if mp_context == "forkserver" and preload:
+            self._ctx.set_forkserver_preload(list(preload))
         self._init = (initializer, initargs)
         self._timeout = task_timeout
         self._max_tasks = max_tasks_per_worker
