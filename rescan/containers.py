@@ -168,13 +168,34 @@ class Budget:
             out += chunk
             if len(out) > cap:
                 self.problem(code, f"stopped after {len(out)} bytes (cap {cap})", path)
+                self.spend(len(out), path, code)
                 return None
 
     def sink(self, path: str, compressed: int | None) -> _Sink:
         """A writable buffer that raises once it outgrows this member's cap (for libraries
         that push data instead of letting us pull it)."""
         cap, code = self.caps(compressed)[0]
-        return _Sink(cap, lambda n: self.problem(code, f"stopped after {n} bytes (cap {cap})", path))
+
+        def overflow(n: int) -> None:
+            self.problem(code, f"stopped after {n} bytes (cap {cap})", path)
+            self.spend(n, path, code)
+
+        return _Sink(cap, overflow)
+
+    def spend(self, n: int, path: str, stopped_by: str) -> None:
+        """Count ``n`` bytes decompressed and thrown away against the message's scan size, so
+        that a bomb of many small bombs (42.zip) cannot make unbounded work; once the budget is
+        gone nothing more of the message is read."""
+        self.bytes += n
+        if self.bytes >= self.limits.max_scansize and not self.full:
+            self.full = True
+            if stopped_by == "limit:max-scansize":
+                return  # already said
+            self.problem(
+                "limit:max-scansize",
+                f"more than {self.limits.max_scansize} bytes decompressed; the rest was not read",
+                path,
+            )
 
 
 class _Sink:

@@ -16,6 +16,7 @@ has been yielded (and the run was not stopped), ``Ledger.folder_done`` gets its 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -27,7 +28,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from rescan.errors import AuthError, RescanError
 from rescan.models import Limits, MessageRef, Problem, Status, Verdict
 from rescan.pool import TaskTimeout, WorkerCrashed
-from rescan.scan import ScanResult, scan_message
+from rescan.scan import ScanResult, scan_batch
 
 log = logging.getLogger("rescan")
 
@@ -56,6 +57,10 @@ class Record:
     plan: Plan = field(default_factory=lambda: Plan("full"))
     cache_rows: tuple = ()
     parts_from_cache: int = 0  # parts answered by the verdict cache instead of an engine
+
+
+BATCH_COUNT = 16  # messages per worker task: one round trip for many small messages ...
+BATCH_BYTES = 1024 * 1024  # ... but a big one travels alone
 
 
 class Planner(Protocol):
@@ -336,6 +341,9 @@ class Pipeline:
         for t in fetchers:
             t.start()
         in_flight: set[Future] = set()
+        # Items taken from the queue while gathering a batch, kept in queue order: a folder's
+        # "listed" item must come after its records.
+        backlog: collections.deque = collections.deque()
         cancelled = False
         while True:
             if self.stop.is_set() and not cancelled:  # scans not started are left for the next run
@@ -343,7 +351,7 @@ class Pipeline:
                 for fut in list(in_flight):
                     fut.cancel()
             try:
-                item = self._q.get(timeout=0.2)
+                item = backlog.popleft() if backlog else self._q.get(timeout=0.2)
             except queue.Empty:
                 if not in_flight and not any(t.is_alive() for t in fetchers) and self._q.empty():
                     break
@@ -352,21 +360,25 @@ class Pipeline:
             if kind == "record":
                 yield item[1]
             elif kind == "scan":
-                _, ref, raw, plan = item
+                batch = self._gather(item, backlog)
                 if self.stop.is_set():
-                    self.budget.release(len(raw))
+                    self.budget.release(sum(len(raw) for _, raw, _ in batch))
                 else:
-                    in_flight.add(self._submit(ref, raw, plan))
-                    folder = ref.key[:3]
-                    self._scanning[folder] = self._scanning.get(folder, 0) + 1
+                    in_flight.add(self._submit(batch))
+                    self._pending(batch, 1)
             elif kind == "result":
-                _, ref, size, plan, fut = item
+                _, batch, fut = item
                 in_flight.discard(fut)
-                self.budget.release(size)
-                if not fut.cancelled():
-                    yield self._record(ref, plan, fut)
-                self._scanning[ref.key[:3]] -= 1
-                self._settle(ref.key[:3])
+                if fut.cancelled():
+                    self.budget.release(sum(len(raw) for _, raw, _ in batch))
+                elif len(batch) > 1 and fut.exception() is not None:
+                    in_flight.update(self._submit([one]) for one in batch)  # find the culprit
+                    continue  # its messages are still pending
+                else:
+                    for rec in self._records(batch, fut):
+                        yield rec
+                for folder in self._pending(batch, -1):
+                    self._settle(folder)
             elif kind == "listed":
                 _, folder, listed = item
                 self._listed[folder] = listed
@@ -378,6 +390,16 @@ class Pipeline:
         if self.fatal is not None:
             raise self.fatal
 
+    def _pending(self, batch: list[tuple[MessageRef, bytes, Plan]], delta: int) -> set[tuple[str, str, str]]:
+        """Add ``delta`` per message of ``batch`` to its folder's count of scans submitted and
+        not yet recorded; returns the folders of the batch."""
+        folders = set()
+        for ref, _, _ in batch:
+            folder = ref.key[:3]
+            self._scanning[folder] = self._scanning.get(folder, 0) + delta
+            folders.add(folder)
+        return folders
+
     def _settle(self, folder: tuple[str, str, str]) -> None:
         """Tell the ledger a folder is done once it was listed to the end and every record of
         it has been consumed; never after a stop (some of its messages got no record)."""
@@ -386,24 +408,56 @@ class Pipeline:
             self._scanning.pop(folder, None)
             self.ledger.folder_done(*folder, cursor, whole)
 
-    def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> Future:
-        comps = plan.components if plan.kind == "delta" else None
-        fut = self.executor.submit(scan_message, raw, comps, self.limits, self.cache_key_of(comps), self.passwords)
+    def _gather(self, first: tuple, backlog: collections.deque) -> list[tuple[MessageRef, bytes, Plan]]:
+        """The scan item ``first`` plus the scan items already waiting with the same plan
+        components, up to BATCH_COUNT messages or BATCH_BYTES; other items go to ``backlog``."""
+        _, ref, raw, plan = first
+        batch = [(ref, raw, plan)]
         size = len(raw)
-        fut.add_done_callback(lambda f: self._q.put(("result", ref, size, plan, f)))
+        while len(batch) < BATCH_COUNT and size < BATCH_BYTES:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "scan" and self._components(item[3]) == self._components(plan):
+                batch.append(item[1:])
+                size += len(item[2])
+            else:
+                backlog.append(item)
+        return batch
+
+    @staticmethod
+    def _components(plan: Plan) -> tuple[str, ...] | None:
+        return plan.components if plan.kind == "delta" else None
+
+    def _submit(self, batch: list[tuple[MessageRef, bytes, Plan]]) -> Future:
+        comps = self._components(batch[0][2])
+        args = ([raw for _, raw, _ in batch], comps, self.limits, self.cache_key_of(comps), self.passwords)
+        submit_timed = getattr(self.executor, "submit_timed", None)
+        if submit_timed is not None:  # a batch over time is retried one message at a time
+            fut = submit_timed(self.limits.timeout, scan_batch, *args)
+        else:
+            fut = self.executor.submit(scan_batch, *args)
+        fut.add_done_callback(lambda f: self._q.put(("result", batch, f)))
         return fut
 
-    def _record(self, ref: MessageRef, plan: Plan, fut: Future) -> Record:
+    def _records(self, batch: list[tuple[MessageRef, bytes, Plan]], fut: Future) -> Iterator[Record]:
         try:
-            result: ScanResult = fut.result()
-        except TaskTimeout as exc:
-            v = error_verdict("timeout", f"scan did not finish: {exc}")
-            return Record(ref, v, plan.was_clean_or_unknown, True, plan)
-        except WorkerCrashed as exc:
-            v = error_verdict("crash", str(exc))
-            return Record(ref, v, plan.was_clean_or_unknown, True, plan)
+            results: list[ScanResult] | BaseException = fut.result()
         except Exception as exc:
-            v = error_verdict("engine", f"{type(exc).__name__}: {exc}")
+            results = exc
+        for i, (ref, raw, plan) in enumerate(batch):
+            self.budget.release(len(raw))
+            yield self._record(ref, plan, results if isinstance(results, BaseException) else results[i])
+
+    def _record(self, ref: MessageRef, plan: Plan, result: ScanResult | BaseException) -> Record:
+        if isinstance(result, BaseException):
+            if isinstance(result, TaskTimeout):
+                v = error_verdict("timeout", f"scan did not finish: {result}")
+            elif isinstance(result, WorkerCrashed):
+                v = error_verdict("crash", str(result))
+            else:
+                v = error_verdict("engine", f"{type(result).__name__}: {result}")
             return Record(ref, v, plan.was_clean_or_unknown, True, plan)
         verdict = result.verdict
         if plan.kind == "delta" and plan.previous is not None:

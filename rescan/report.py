@@ -157,9 +157,19 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _printable(text: str, limit: int) -> str:
+    """``text`` without control characters (mail headers are attacker-chosen), cut to ``limit``."""
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
 def _line(rec: Record) -> str:
     r, v = rec.ref, rec.verdict
     where = f"{r.source} {r.mailbox}/{r.folder} {r.id}"
+    subject = f'"{_printable(v.subject, 100)}"' if v.subject else None
+    about = " ".join(x for x in (_printable(v.message_id or "", 200), subject) if x)
+    if about:
+        where += f" {about}"
     tag = " [NEW]" if rec.new else ""
     if v.findings:
         names = ", ".join(sorted({f"{f.rule} ({f.namespace}) in {f.part or 'message'}" for f in v.findings}))
@@ -176,7 +186,7 @@ def write_text(report: Report, out: TextIO) -> None:
     ordered = report.ordered()
     new = [r for r in ordered if r.new]
     if new:
-        out.write(f"Newly detected this run ({len(new)}):\n")
+        out.write(f"New this run ({len(new)}):\n")
     for i, rec in enumerate(ordered):
         if new and i == len(new) and len(ordered) > len(new):
             out.write("Previously known, still present:\n")
@@ -202,7 +212,7 @@ def write_text(report: Report, out: TextIO) -> None:
         ("Up to date (not rescanned)", s.up_to_date),
         ("Infected messages", f"{s.infected} ({s.new_infected} new)"),
         ("Partially scanned", s.partial),
-        ("Errors", s.errors + len(report.errors)),
+        ("Errors", f"{s.errors}" + (f" (and {len(report.errors)} unreadable stores or folders)" if report.errors else "")),
         ("Skipped", s.skipped),
         ("Data scanned", _size(s.bytes_scanned)),
         ("Time", f"{report.duration:.3f} sec"),

@@ -256,7 +256,7 @@ class StateSession:
         self.flush()
         seen = self._seen.pop(key, set())
         if whole:
-            gone = [m.key for m in self.store.messages_in_folder(*key) if m.id not in seen]
+            gone = [(*key, id) for id in self.store.ids_in_folder(*key) if id not in seen]
             if gone:
                 self.store.forget(gone)
         token = folder_token(self.definitions.version, cursor) if cursor is not None else None

@@ -591,6 +591,15 @@ class StateStore:
                 db.execute("COMMIT")
         return n
 
+    def ids_in_folder(self, source: str, mailbox: str, folder: str) -> list[str]:
+        """The native ids of every known message of one folder (cheap: no rows built)."""
+        with self._errors():
+            rows = self._conn.execute(
+                "SELECT id FROM messages WHERE source = ? AND mailbox = ? AND folder = ?",
+                (source, mailbox, folder),
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def iter_not_clean(self) -> Iterator[StoredMessage]:
         """Every message whose current status is not ``clean``, ordered by key (for reports)."""
         return self._paged("status <> 'clean'", ())

@@ -10,6 +10,8 @@ import textwrap
 import zlib
 from pathlib import Path
 
+import zipfile
+
 import pytest
 
 from rescan.extract import extract, split_headers
@@ -275,6 +277,20 @@ def test_zip_bomb_stops_at_filesize_limit():
     assert "2/bomb.zip/zeros.bin" not in parts
     assert [(p.code, p.part) for p in x.problems] == [("limit:max-filesize", "2/bomb.zip/zeros.bin")]
     assert eicar_paths(parts) == ["3/e.txt"]  # the rest of the message is still scanned
+
+
+def test_bomb_of_many_small_bombs_stops_at_the_scan_size_budget():
+    leaf = zip_bomb(4)  # 4 MiB of zeros each, cut by the ratio limit
+    level = zip_of({f"l0-{i}.zip": leaf for i in range(16)}, zipfile.ZIP_STORED)
+    nested = zip_of({f"l1-{i}.zip": level for i in range(16)})  # 256 leaves, 1 GiB expanded
+    raw = message("x", (nested, "application/zip", "nested.zip"))
+    x, parts = run(raw, Limits(max_ratio=2, max_scansize=4 << 20))
+    codes = [p.code for p in x.problems]
+    assert codes[-1] == "limit:max-scansize"
+    # each leaf is cut at 1 MiB (the ratio floor); the work stopped once 4 MiB had been
+    # decompressed and thrown away: a handful of leaves, not 256
+    assert codes.count("limit:max-ratio") <= 4
+    assert len(parts) < 40
 
 
 def test_ratio_limit():

@@ -15,6 +15,7 @@ subset in the worker, once per subset.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -75,11 +76,17 @@ def find_rule_files(paths: Iterable[str | Path]) -> dict[str, Path]:
     for given in paths:
         p = Path(given)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in RULE_SUFFIXES and f.is_file())
+            root = p.resolve()
+            files = sorted(
+                Path(d, name).relative_to(root)
+                for d, _, names in os.walk(root, followlinks=True)
+                for name in names
+                if os.path.splitext(name)[1].lower() in RULE_SUFFIXES
+            )
             if not files:
                 raise DefinitionsError(f"no .yar or .yara rule files in {p}")
-            for f in files:
-                add(f.relative_to(p).as_posix(), f.resolve())
+            for rel in files:
+                add(rel.as_posix(), root / rel)
         elif p.is_file():
             add(p.name, p.resolve())
         else:
@@ -102,7 +109,7 @@ def fingerprint_rule_file(path: Path) -> str:
             raise DefinitionsError(f"cannot read rule file {p}: {exc.strerror}") from None
         h.update(len(data).to_bytes(8, "big"))
         h.update(data)
-        for inc in _INCLUDE.findall(data):
+        for inc in _INCLUDE.findall(data) if b"include" in data else ():
             feed((p.parent / inc.decode("utf-8", "replace")).resolve())
 
     feed(path)
@@ -112,6 +119,55 @@ def fingerprint_rule_file(path: Path) -> str:
 def count_rules(path: Path) -> int:
     """Number of rules declared in a rule file (by its ``rule NAME`` declarations)."""
     return len(_RULE_DECL.findall(path.read_bytes()))
+
+
+class _FileFacts:
+    """Fingerprint and rule count per rule file, remembered by (path, size, mtime) in the
+    cache directory: a rerun over a large public rule set must not re-read every file. Files
+    with ``include`` directives are always fingerprinted anew (their includes may change)."""
+
+    def __init__(self, path: Path, facts: dict[str, list]):
+        self.path = path
+        self.facts = facts
+        self.changed = False
+
+    @classmethod
+    def load(cls) -> _FileFacts:
+        path = compiled_cache_dir() / "rule-files.json"
+        try:
+            facts = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            facts = {}
+        return cls(path, facts if isinstance(facts, dict) else {})
+
+    def get(self, file: Path) -> tuple[str, int]:
+        """(fingerprint, rule count) of ``file``. Raises DefinitionsError when unreadable."""
+        try:
+            st = file.stat()
+        except OSError as exc:
+            raise DefinitionsError(f"cannot read rule file {file}: {exc.strerror}") from None
+        stamp = [st.st_size, st.st_mtime_ns]
+        hit = self.facts.get(str(file))
+        if hit and hit[:2] == stamp:
+            return hit[2], hit[3]
+        fp, count = fingerprint_rule_file(file), count_rules(file)
+        if b"include" not in file.read_bytes():
+            self.facts[str(file)] = [*stamp, fp, count]
+            self.changed = True
+        return fp, count
+
+    def save(self) -> None:
+        """Write the facts back when anything was added (best effort: a cache)."""
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(self.facts, out)
+            os.replace(tmp, self.path)
+        except OSError:
+            pass
 
 
 def filetype_of(data: bytes) -> str:
@@ -145,7 +201,11 @@ class YaraSpec(EngineSpec):
     def __init__(self, paths: Iterable[str | Path], timeout: int = 60):
         self.files = find_rule_files(paths)
         self.timeout = timeout
-        self._components = {ns: fingerprint_rule_file(p) for ns, p in self.files.items()}
+        known = _FileFacts.load()
+        facts = {ns: known.get(p) for ns, p in self.files.items()}
+        known.save()
+        self._components = {ns: f[0] for ns, f in facts.items()}
+        self._counts = {ns: f[1] for ns, f in facts.items()}
         self.compiled_path = str(self._compiled())
 
     def _compiled(self) -> Path:
@@ -172,7 +232,7 @@ class YaraSpec(EngineSpec):
 
     def rule_counts(self) -> dict[str, int]:
         """Rule file → number of rules declared in it."""
-        return {ns: count_rules(p) for ns, p in self.files.items()}
+        return dict(self._counts)
 
     def describe(self) -> dict[str, object]:
         return {"version": yara.__version__, "rules": sum(self.rule_counts().values())}
