@@ -6,6 +6,7 @@ interrupted run each fall back to listing folders whole. Unit tests of the curso
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -197,8 +198,6 @@ def test_a_failed_scan_is_retried_by_an_incremental_run(dovecot, run):
     seed_mailbox(dovecot)
     assert run(dovecot)[0] == 1
     # As if the fetch of INBOX UID 1 had failed in that run.
-    import sqlite3
-
     db = sqlite3.connect(run.state)
     db.execute("UPDATE messages SET status = 'error', problems = '[{\"code\": \"fetch\", \"detail\": \"x\", \"part\": null}]'"
                " WHERE folder = 'INBOX' AND id = '1'")
