@@ -29,7 +29,7 @@ class Measured:
     stderr: str
 
 
-def _children() -> dict[int, list[int]]:
+def children() -> dict[int, list[int]]:
     """Parent pid → child pids, from /proc."""
     tree: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
@@ -46,7 +46,7 @@ def _children() -> dict[int, list[int]]:
 
 def tree_rss(root: int) -> int:
     """Sum of the resident set sizes (bytes) of ``root`` and all its descendants."""
-    tree = _children()
+    tree = children()
     total, stack = 0, [root]
     while stack:
         pid = stack.pop()
