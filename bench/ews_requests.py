@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/ews_requests.py [--corpus spamassassin] [--count 1000] [--rules one-rule]
+    python bench/ews_requests.py [--corpus spamassassin] [--count 2000] [--rules one-rule]
                                  [--workers N] [--connections 4 1]
 
 Takes ``--count`` messages of the corpus spread evenly over its three folders (written once
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     """Command line: serve the subset, scan it over EWS and locally, print the tables."""
     parser = argparse.ArgumentParser(description="rescan over EWS (test server) vs local")
     parser.add_argument("--corpus", default="spamassassin")
-    parser.add_argument("--count", type=int, default=1000, help="messages to serve")
+    parser.add_argument("--count", type=int, default=2000, help="messages to serve")
     parser.add_argument("--rules", default="one-rule")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--connections", type=int, nargs="+", default=[4, 1])
