@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -131,6 +132,13 @@ def main(argv: list[str] | None = None) -> None:
           r["load_before"], r["returncode"], r["summary"].get("messages_seen")]
          for r in rows]))
     print("\ntarget: IMAP >= 0.8x local (IMAP / local = local wall / IMAP wall)")
+    if args.repeat > 1:
+        for rules_name in args.rules:
+            for n in args.connections:
+                values = [r["imap_vs_local"] for r in rows if r["source"] == "imap"
+                          and r["rules"] == rules_name and r["connections"] == n]
+                print(f"median IMAP / local, {rules_name}, {n} connections, "
+                      f"{len(values)} rounds: {statistics.median(values):.2f}")
 
 
 if __name__ == "__main__":
