@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, corpus, message_files, ruleset  # noqa: E402
+from common import corpus, message_files, ruleset  # noqa: E402
 from harness import markdown, new_tag, process_cpu, scan, tool_env, write_results  # noqa: E402
 
 from tests.servers.dovecot import USERS, DovecotServer  # noqa: E402
