@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from rescan.errors import AuthError, RescanError
 from rescan.models import Limits, MessageRef, Problem, Status, Verdict
 from rescan.pool import TaskTimeout, WorkerCrashed
-from rescan.scan import ScanResult, scan_message
+from rescan.scan import ScanResult, scan_batch
 
 log = logging.getLogger("rescan")
 
@@ -48,6 +48,10 @@ class Record:
     plan: Plan = field(default_factory=lambda: Plan("full"))
     cache_rows: tuple = ()
     parts_from_cache: int = 0  # parts answered by the verdict cache instead of an engine
+
+
+BATCH_COUNT = 16  # messages per worker task: one round trip for many small messages ...
+BATCH_BYTES = 1024 * 1024  # ... but a big one travels alone
 
 
 class Planner(Protocol):
@@ -255,6 +259,7 @@ class Pipeline:
         for t in fetchers:
             t.start()
         in_flight: set[Future] = set()
+        backlog: list = []  # items taken from the queue while gathering a batch
         cancelled = False
         while True:
             if self.stop.is_set() and not cancelled:  # scans not started are left for the next run
@@ -262,7 +267,7 @@ class Pipeline:
                 for fut in list(in_flight):
                     fut.cancel()
             try:
-                item = self._q.get(timeout=0.2)
+                item = backlog.pop() if backlog else self._q.get(timeout=0.2)
             except queue.Empty:
                 if not in_flight and not any(t.is_alive() for t in fetchers) and self._q.empty():
                     break
@@ -271,40 +276,76 @@ class Pipeline:
             if kind == "record":
                 yield item[1]
             elif kind == "scan":
-                _, ref, raw, plan = item
+                batch = self._gather(item, backlog)
                 if self.stop.is_set():
-                    self.budget.release(len(raw))
+                    self.budget.release(sum(len(raw) for _, raw, _ in batch))
                 else:
-                    in_flight.add(self._submit(ref, raw, plan))
+                    in_flight.add(self._submit(batch))
             elif kind == "result":
-                _, ref, size, plan, fut = item
+                _, batch, fut = item
                 in_flight.discard(fut)
-                self.budget.release(size)
-                if not fut.cancelled():
-                    yield self._record(ref, plan, fut)
+                if fut.cancelled():
+                    self.budget.release(sum(len(raw) for _, raw, _ in batch))
+                elif len(batch) > 1 and fut.exception() is not None:
+                    in_flight.update(self._submit([one]) for one in batch)  # find the culprit
+                else:
+                    for rec in self._records(batch, fut):
+                        yield rec
         for t in fetchers:
             t.join()
         if self.fatal is not None:
             raise self.fatal
 
-    def _submit(self, ref: MessageRef, raw: bytes, plan: Plan) -> Future:
-        comps = plan.components if plan.kind == "delta" else None
-        fut = self.executor.submit(scan_message, raw, comps, self.limits, self.cache_key_of(comps), self.passwords)
+    def _gather(self, first: tuple, backlog: list) -> list[tuple[MessageRef, bytes, Plan]]:
+        """The scan item ``first`` plus the scan items already waiting with the same plan
+        components, up to BATCH_COUNT messages or BATCH_BYTES; other items go to ``backlog``."""
+        _, ref, raw, plan = first
+        batch = [(ref, raw, plan)]
         size = len(raw)
-        fut.add_done_callback(lambda f: self._q.put(("result", ref, size, plan, f)))
+        while len(batch) < BATCH_COUNT and size < BATCH_BYTES:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if item[0] == "scan" and self._components(item[3]) == self._components(plan):
+                batch.append(item[1:])
+                size += len(item[2])
+            else:
+                backlog.append(item)
+        return batch
+
+    @staticmethod
+    def _components(plan: Plan) -> tuple[str, ...] | None:
+        return plan.components if plan.kind == "delta" else None
+
+    def _submit(self, batch: list[tuple[MessageRef, bytes, Plan]]) -> Future:
+        comps = self._components(batch[0][2])
+        args = ([raw for _, raw, _ in batch], comps, self.limits, self.cache_key_of(comps), self.passwords)
+        submit_timed = getattr(self.executor, "submit_timed", None)
+        if submit_timed is not None:  # a batch over time is retried one message at a time
+            fut = submit_timed(self.limits.timeout, scan_batch, *args)
+        else:
+            fut = self.executor.submit(scan_batch, *args)
+        fut.add_done_callback(lambda f: self._q.put(("result", batch, f)))
         return fut
 
-    def _record(self, ref: MessageRef, plan: Plan, fut: Future) -> Record:
+    def _records(self, batch: list[tuple[MessageRef, bytes, Plan]], fut: Future) -> Iterator[Record]:
         try:
-            result: ScanResult = fut.result()
-        except TaskTimeout as exc:
-            v = error_verdict("timeout", f"scan did not finish: {exc}")
-            return Record(ref, v, plan.was_clean_or_unknown, True, plan)
-        except WorkerCrashed as exc:
-            v = error_verdict("crash", str(exc))
-            return Record(ref, v, plan.was_clean_or_unknown, True, plan)
+            results: list[ScanResult] | BaseException = fut.result()
         except Exception as exc:
-            v = error_verdict("engine", f"{type(exc).__name__}: {exc}")
+            results = exc
+        for i, (ref, raw, plan) in enumerate(batch):
+            self.budget.release(len(raw))
+            yield self._record(ref, plan, results if isinstance(results, BaseException) else results[i])
+
+    def _record(self, ref: MessageRef, plan: Plan, result: ScanResult | BaseException) -> Record:
+        if isinstance(result, BaseException):
+            if isinstance(result, TaskTimeout):
+                v = error_verdict("timeout", f"scan did not finish: {result}")
+            elif isinstance(result, WorkerCrashed):
+                v = error_verdict("crash", str(result))
+            else:
+                v = error_verdict("engine", f"{type(result).__name__}: {result}")
             return Record(ref, v, plan.was_clean_or_unknown, True, plan)
         verdict = result.verdict
         if plan.kind == "delta" and plan.previous is not None:

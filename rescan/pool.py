@@ -69,7 +69,7 @@ class _Worker:
         self.proc.start()
         child.close()
         self.ready = False
-        self.task: tuple[int, Future, float] | None = None  # (id, future, deadline)
+        self.task: tuple[int, Future, float, float] | None = None  # (id, future, deadline, timeout)
         self.done = 0
 
     def kill(self) -> None:
@@ -93,14 +93,21 @@ class WorkerPool(Executor):
         initargs: tuple = (),
         task_timeout: float | None = None,
         max_tasks_per_worker: int | None = 2000,
-        mp_context: str = "spawn",
+        mp_context: str | None = None,
+        preload: tuple[str, ...] = (),
     ):
         self.max_workers = max_workers or os.cpu_count() or 1
+        # forkserver where there is one: a fresh, single-threaded parent for every worker
+        # (the pipeline's own threads are never forked), and cheap to start with ``preload``.
+        if mp_context is None:
+            mp_context = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         self._ctx = mp.get_context(mp_context)
+        if mp_context == "forkserver" and preload:
+            self._ctx.set_forkserver_preload(list(preload))
         self._init = (initializer, initargs)
         self._timeout = task_timeout
         self._max_tasks = max_tasks_per_worker
-        self._pending: deque[tuple[int, Future, Callable, tuple, dict]] = deque()
+        self._pending: deque[tuple[int, Future, Callable, tuple, dict, float | None]] = deque()
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wakeup_r, self._wakeup_w = self._ctx.Pipe(duplex=False)
@@ -120,6 +127,11 @@ class WorkerPool(Executor):
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
         """Schedule ``fn(*args, **kwargs)`` in a worker; returns its Future."""
+        return self.submit_timed(self._timeout, fn, *args, **kwargs)
+
+    def submit_timed(self, timeout: float | None, fn: Callable, /, *args, **kwargs) -> Future:
+        """Like ``submit``, with this task's own time limit (None: no limit) instead of the
+        pool's ``task_timeout``."""
         fut: Future = Future()
         with self._lock:
             if self._shutdown:
@@ -127,7 +139,7 @@ class WorkerPool(Executor):
             if self._broken:
                 fut.set_exception(InitializerFailed(self._broken))
                 return fut
-            self._pending.append((next(self._ids), fut, fn, args, kwargs))
+            self._pending.append((next(self._ids), fut, fn, args, kwargs, timeout))
             if self._thread is None:
                 self._start()
         self._wakeup_w.send(b"")
@@ -180,11 +192,11 @@ class WorkerPool(Executor):
             with self._lock:
                 if not self._pending:
                     return
-                task_id, fut, fn, args, kwargs = self._pending.popleft()
+                task_id, fut, fn, args, kwargs, timeout = self._pending.popleft()
             if not fut.set_running_or_notify_cancel():
                 continue
-            deadline = time.monotonic() + self._timeout if self._timeout else 0.0
-            w.task = (task_id, fut, deadline)
+            deadline = time.monotonic() + timeout if timeout else 0.0
+            w.task = (task_id, fut, deadline, timeout)
             try:
                 w.conn.send((task_id, fn, args, kwargs))
             except OSError:
@@ -217,7 +229,7 @@ class WorkerPool(Executor):
                 self._replace(i, w, WorkerCrashed(f"worker process died (exit code {w.proc.exitcode})"))
                 return
         if w.task and w.task[2] and time.monotonic() >= w.task[2]:
-            self._replace(i, w, TaskTimeout(f"task exceeded {self._timeout:g} s"))
+            self._replace(i, w, TaskTimeout(f"task exceeded {w.task[3]:g} s"))
 
     def _handle(self, i: int, w: _Worker, msg: tuple) -> None:
         if msg[0] == "ready":

@@ -108,3 +108,15 @@ def scan_message(
         bytes_scanned=scanned,
     )
     return ScanResult(verdict, tuple(rows), from_cache)
+
+
+def scan_batch(
+    raws: list[bytes],
+    components: tuple[str, ...] | None,
+    limits: Limits,
+    cache_key: str | None = None,
+    passwords: tuple[str, ...] = ("infected",),
+) -> list[ScanResult]:
+    """``scan_message`` over several messages in one task (one round trip to the worker for
+    many small messages). Same arguments; one ScanResult per message, in order."""
+    return [scan_message(raw, components, limits, cache_key, passwords) for raw in raws]
