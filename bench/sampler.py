@@ -17,7 +17,7 @@ INTERVAL = 0.05  # seconds between two samples of the process tree
 @dataclass(frozen=True)
 class Measured:
     """One finished command: exit code, wall seconds, CPU seconds of the whole tree (user +
-    system, of every reaped descendant), peak tree RSS in bytes, the 1-minute load average
+    system, of every descendant: reaped ones from rusage, others sampled from /proc), peak tree RSS in bytes, the 1-minute load average
     when it started (other work on the machine skews wall times), captured output."""
 
     returncode: int
@@ -29,7 +29,7 @@ class Measured:
     stderr: str
 
 
-def _children() -> dict[int, list[int]]:
+def children() -> dict[int, list[int]]:
     """Parent pid → child pids, from /proc."""
     tree: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
@@ -46,7 +46,7 @@ def _children() -> dict[int, list[int]]:
 
 def tree_rss(root: int) -> int:
     """Sum of the resident set sizes (bytes) of ``root`` and all its descendants."""
-    tree = _children()
+    tree = children()
     total, stack = 0, [root]
     while stack:
         pid = stack.pop()
@@ -56,6 +56,22 @@ def tree_rss(root: int) -> int:
             continue
         stack.extend(tree.get(pid, ()))
     return total
+
+
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (user + system, own time only) of ``root`` and each live descendant."""
+    tree = children()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu, stack = {}, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        stack.extend(tree.get(pid, ()))
+    return cpu
 
 
 def run_measured(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> Measured:
@@ -70,12 +86,14 @@ def run_measured(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | 
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     peak = 0
+    seen_cpu: dict[int, float] = {}  # pid -> last CPU seconds seen
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, tree_rss(proc.pid))
+            seen_cpu.update(tree_cpu(proc.pid))
             stop.wait(INTERVAL)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -85,5 +103,8 @@ def run_measured(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | 
     stop.set()
     sampler.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    # Reaped time misses grandchildren whose parent never waited for them (workers of a
+    # forkserver); the /proc samples miss each process's last INTERVAL: take the larger.
+    cpu = max(reaped, sum(seen_cpu.values()))
     return Measured(proc.returncode, wall, cpu, peak, load, stdout, stderr)

@@ -52,6 +52,7 @@ from exchangelib.folders import Folder, FolderCollection
 from exchangelib.items import HARD_DELETE
 from exchangelib.properties import ItemId
 from exchangelib.protocol import BaseProtocol
+from exchangelib.services.common import EWSService
 from oauthlib.oauth2 import OAuth2Error, OAuth2Token
 
 from connectors.base import ActionResult, Connector, SourceOptions, register
@@ -60,6 +61,39 @@ from rescan.models import MessageRef
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+RESPONSE_CHUNK = 64 * 1024  # bytes read at a time while parsing a SOAP response
+
+
+class _ChunkedResponse:
+    """A requests response whose ``iter_content()`` yields 64 KiB at a time.
+
+    exchangelib parses every SOAP response through ``response.iter_content()``, which in
+    requests defaults to one byte per chunk: a GetItem page of MIME content then costs about
+    200 times more CPU to read than to parse (0.4 s against 2 ms for 667 kB here)."""
+
+    def __init__(self, response: requests.Response):
+        self._response = response
+
+    def iter_content(self) -> Iterator[bytes]:
+        return self._response.iter_content(RESPONSE_CHUNK)
+
+    def __getattr__(self, name: str):
+        return getattr(self._response, name)
+
+
+def _read_in_chunks(parse: Callable) -> classmethod:
+    def get_soap_parts(cls, response):
+        if isinstance(response, requests.Response):
+            response = _ChunkedResponse(response)
+        return parse(cls, response)
+
+    return classmethod(get_soap_parts)
+
+
+if not getattr(EWSService._get_soap_parts, "_rescan_chunked", False):
+    EWSService._get_soap_parts = _read_in_chunks(EWSService._get_soap_parts.__func__)
+    EWSService._get_soap_parts.__func__._rescan_chunked = True
 
 # Requests this module treats as "try again later" (after the fail-fast policy raised them).
 _TRANSIENT = (

@@ -63,6 +63,7 @@ T = TypeVar("T")
 
 _KEYWORD = re.compile(r"^[^\s()\[\]{}%*\"\\]+$")  # an IMAP flag atom, or \System flag
 _COPYUID = re.compile(rb"^\s*(\d+)\s+(\S+)\s+(\S+)")
+_FETCH_UID = re.compile(rb"\bUID (\d+)")
 
 
 def compress_uids(uids: Sequence[int]) -> str:
@@ -260,6 +261,26 @@ class _Session:
         if typ != "OK":
             raise imap_exc.IMAPClientError(f"FETCH failed: {data[0]!r}")
         return dict(parse_fetch_response(data, normalise_times=False, uid_is_key=True))
+
+    def uid_fetch_bodies(self, uid_set: str) -> dict[int, bytes]:
+        """``UID FETCH uid_set (UID BODY.PEEK[])`` → UID: raw message. Reads imaplib's own
+        literal handling directly: imapclient's token-by-token parser costs more CPU than the
+        rest of a scan's main process on large fetches. Entries that are not a body with its
+        UID (unsolicited FETCH responses, odd orderings) are left out; the caller fetches
+        missing UIDs again."""
+        typ, data = self.client._imap.uid("FETCH", uid_set, "(UID BODY.PEEK[])")
+        if typ != "OK":
+            raise imap_exc.IMAPClientError(f"FETCH failed: {data[0]!r}")
+        bodies: dict[int, bytes] = {}
+        for i, item in enumerate(data):
+            if not isinstance(item, tuple) or b"BODY[]" not in item[0]:
+                continue
+            m = _FETCH_UID.search(item[0])
+            if m is None and i + 1 < len(data) and isinstance(data[i + 1], bytes):
+                m = _FETCH_UID.search(data[i + 1])  # UID after the literal
+            if m is not None:
+                bodies[int(m.group(1))] = item[1]
+        return bodies
 
     def pop_copyuid(self) -> dict[int, int]:
         """Source UID → target UID from the last COPYUID response code (UIDPLUS), if any."""
@@ -595,9 +616,9 @@ class ImapConnector(Connector):
             for _ in range(2):  # the second pass picks up UIDs an odd response left out
                 if not pending:
                     return
-                got = s.uid_fetch(compress_uids(list(pending)), "(UID BODY.PEEK[])")
+                got = s.uid_fetch_bodies(compress_uids(list(pending)))
                 for uid in list(pending):
-                    body = got.get(uid, {}).get(b"BODY[]")
+                    body = got.get(uid)
                     if isinstance(body, bytes):
                         out.extend((ref, body) for ref in pending.pop(uid))
 

@@ -160,15 +160,15 @@ class Budget:
         """Read a stream chunk by chunk until EOF or the smallest cap. Returns the bytes, or
         None after recording the limit that stopped it (the prefix is dropped)."""
         cap, code = self.caps(compressed)[0]
-        out = bytearray()
+        out = io.BytesIO()  # getvalue() hands over its buffer: a big member is held once, not twice
         while True:
             chunk = read(CHUNK)
             if not chunk:
-                return bytes(out)
-            out += chunk
-            if len(out) > cap:
-                self.problem(code, f"stopped after {len(out)} bytes (cap {cap})", path)
-                self.spend(len(out), path, code)
+                return out.getvalue()
+            out.write(chunk)
+            if out.tell() > cap:
+                self.problem(code, f"stopped after {out.tell()} bytes (cap {cap})", path)
+                self.spend(out.tell(), path, code)
                 return None
 
     def sink(self, path: str, compressed: int | None) -> _Sink:
@@ -200,16 +200,22 @@ class Budget:
 
 class _Sink:
     def __init__(self, cap: int, on_overflow: Callable[[int], None]):
-        self.buf = bytearray()
+        self.buf = io.BytesIO()
         self.cap = cap
         self.on_overflow = on_overflow
 
     def write(self, data: bytes) -> int:
-        self.buf += data
-        if len(self.buf) > self.cap:
-            self.on_overflow(len(self.buf))
+        self.buf.write(data)
+        if self.buf.tell() > self.cap:
+            self.on_overflow(self.buf.tell())
             raise _Stop
         return len(data)
+
+    def size(self) -> int:
+        return self.buf.tell()
+
+    def value(self) -> bytes:
+        return self.buf.getvalue()
 
 
 def sniff(data: bytes) -> str | None:
@@ -504,7 +510,7 @@ def _sevenzip_extract(py7zr, data: bytes, pw: str | None, path: str,
             pass
 
         def size(self) -> int:
-            return len(self.sink.buf)
+            return self.sink.size()
 
     with py7zr.SevenZipFile(io.BytesIO(data), password=pw) as z:
         files = [f for f in z.list() if not f.is_directory]
@@ -536,7 +542,7 @@ def _sevenzip_extract(py7zr, data: bytes, pw: str | None, path: str,
             z.extract(factory=Factory())
         except _Stop:
             return []
-    return [(f.filename, bytes(s.buf)) for f, s in zip(files, sinks)]
+    return [(f.filename, s.value()) for f, s in zip(files, sinks)]
 
 
 # --- Outlook: TNEF and .msg ---------------------------------------------------------------

@@ -145,6 +145,26 @@ class _FakeSession:
             raise answer
         return answer
 
+    def uid_fetch_bodies(self, uid_set):
+        answer = self.uid_fetch(uid_set, "(UID BODY.PEEK[])")
+        return {uid: d[b"BODY[]"] for uid, d in answer.items() if b"BODY[]" in d}
+
+
+def test_body_fetch_reads_imaplib_literals_and_skips_unsolicited_responses():
+    from types import SimpleNamespace
+
+    from connectors.imap import _Session
+
+    data = [
+        (b"1 (UID 11 BODY[] {3}", b"one"), b")",
+        b"2 (FLAGS (\\Seen))",  # unsolicited: no body
+        (b"3 (BODY[] {3}", b"two"), b" UID 13)",  # UID after the literal
+        (b"4 (UID 14 FLAGS (\\Seen) BODY[] {5}", b"three"), b")",
+    ]
+    imap = SimpleNamespace(uid=lambda *args: ("OK", data))
+    session = _Session(SimpleNamespace(_imap=imap), "alice")
+    assert session.uid_fetch_bodies("11:14") == {11: b"one", 13: b"two", 14: b"three"}
+
 
 def _with_session(session) -> ImapConnector:
     conn = ImapConnector("imap://alice@127.0.0.1", SourceOptions(password=Secret("x")))
