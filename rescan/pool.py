@@ -159,11 +159,11 @@ class WorkerPool(Executor):
     # The dispatcher thread: assigns tasks, collects results, replaces dead or late workers.
     def _loop(self) -> None:
         while True:
+            self._assign()
             with self._lock:
                 idle_exit = self._shutdown and not self._pending and all(w.task is None for w in self._workers)
             if idle_exit:
                 break
-            self._assign()
             now = time.monotonic()
             deadlines = [w.task[2] for w in self._workers if w.task and w.task[2]]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
@@ -186,24 +186,27 @@ class WorkerPool(Executor):
             w.kill()
 
     def _assign(self) -> None:
+        with self._lock:  # cancelled tasks leave the queue here, whether or not a worker is free
+            live = [t for t in self._pending if not t[1].cancelled()]
+            if len(live) != len(self._pending):
+                self._pending = deque(live)
         for w in self._workers:
-            if not w.ready or w.task is not None:
-                continue
-            with self._lock:
-                if not self._pending:
-                    return
-                task_id, fut, fn, args, kwargs, timeout = self._pending.popleft()
-            if not fut.set_running_or_notify_cancel():
-                continue
-            deadline = time.monotonic() + timeout if timeout else 0.0
-            w.task = (task_id, fut, deadline, timeout)
-            try:
-                w.conn.send((task_id, fn, args, kwargs))
-            except OSError:
-                pass  # the worker died; its sentinel will tell
-            except Exception as exc:  # arguments that cannot be pickled
-                w.task = None
-                fut.set_exception(exc)
+            while w.ready and w.task is None:
+                with self._lock:
+                    if not self._pending:
+                        return
+                    task_id, fut, fn, args, kwargs, timeout = self._pending.popleft()
+                if not fut.set_running_or_notify_cancel():
+                    continue  # cancelled meanwhile: this worker takes the next one
+                deadline = time.monotonic() + timeout if timeout else 0.0
+                w.task = (task_id, fut, deadline, timeout)
+                try:
+                    w.conn.send((task_id, fn, args, kwargs))
+                except OSError:
+                    pass  # the worker died; its sentinel will tell
+                except Exception as exc:  # arguments that cannot be pickled
+                    w.task = None
+                    fut.set_exception(exc)
 
     def _replace(self, i: int, w: _Worker, exc: Exception | None) -> None:
         if w.task is not None and exc is not None:

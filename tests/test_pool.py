@@ -89,3 +89,24 @@ def test_workers_are_recycled():
     with WorkerPool(1, max_tasks_per_worker=3) as pool:
         pids = {pool.submit(_count_inits, i).result()[0] for i in range(7)}
     assert len(pids) == 3
+
+
+def _slow(x):
+    time.sleep(0.2)
+    return x
+
+
+def test_shutdown_after_cancelling_queued_tasks_returns():
+    pool = WorkerPool(2)
+    futs = [pool.submit(_slow, i) for i in range(20)]
+    futs[0].result(timeout=60)
+    for f in futs:
+        f.cancel()
+    done = []
+    import threading
+
+    t = threading.Thread(target=lambda: (pool.shutdown(wait=True), done.append(True)), daemon=True)
+    t.start()
+    t.join(60)
+    assert done == [True]
+    assert sum(f.cancelled() for f in futs) >= 15
