@@ -156,6 +156,18 @@ class Budget:
             caps.append((max(self.limits.max_ratio * compressed, RATIO_FLOOR), "limit:max-ratio"))
         return sorted(caps)
 
+    def declared_over_cap(self, path: str, declared: int, compressed: int | None) -> bool:
+        """True (and the limit recorded) when a member *declares* more bytes than its cap: it
+        is not read at all, and counts against the scan size as if read to the cap (so a
+        42.zip of many such members still ends at max-scansize). A declared size is never
+        trusted the other way: a member that declares little is still read against the cap."""
+        cap, code = self.caps(compressed)[0]
+        if declared <= cap:
+            return False
+        self.problem(code, f"declares {declared} bytes (cap {cap}); not read", path)
+        self.spend(cap + 1, path, code)  # what reading it to the cap would have cost
+        return True
+
     def read(self, path: str, read: Callable[[int], bytes], compressed: int | None) -> bytes | None:
         """Read a stream chunk by chunk until EOF or the smallest cap. Returns the bytes, or
         None after recording the limit that stopped it (the prefix is dropped)."""
@@ -342,6 +354,8 @@ def zip_members(data: bytes, path: str, filename: str | None, budget: Budget) ->
 
 def _zip_read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, pwd: bytes | None, mpath: str,
               budget: Budget) -> bytes | None:
+    if budget.declared_over_cap(mpath, info.file_size, info.compress_size):
+        return None
     with zf.open(info, pwd=pwd) as f:
         return budget.read(mpath, f.read, info.compress_size)
 

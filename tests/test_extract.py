@@ -293,6 +293,15 @@ def test_bomb_of_many_small_bombs_stops_at_the_scan_size_budget():
     assert len(parts) < 40
 
 
+def test_member_declaring_too_much_is_not_read_and_a_lying_one_is_not_clean():
+    honest = raw_zip([("big.bin", 0, 8, zeros_deflate(64), 0, 64 << 20)])
+    x, parts = run(message("x", (honest, "application/zip", "a.zip")), Limits(max_filesize=8 << 20))
+    assert [(p.code, "declares" in p.detail) for p in x.problems] == [("limit:max-filesize", True)]
+    liar = raw_zip([("small.bin", 0, 8, zeros_deflate(64), 0, 10)])  # declares 10 bytes
+    x, parts = run(message("x", (liar, "application/zip", "a.zip")), Limits(max_filesize=8 << 20))
+    assert x.problems and not [p for p in parts if p.endswith(".bin") and parts[p].size > 10]
+
+
 def test_ratio_limit():
     blob = raw_zip([("z.bin", 0, 8, zeros_deflate(4), 0, 4 << 20)])
     x, parts = run(message("x", (blob, "application/zip", "z.zip")), Limits(max_ratio=10))
