@@ -102,7 +102,8 @@ class Budget:
 
     def __init__(self, limits: Limits, passwords: Sequence[str], problems: list[Problem]):
         self.limits = limits
-        self.passwords: list[str] = []
+        self._passwords: list[str] = []
+        self._later: list[Callable[[], Sequence[str]]] = []
         self.add_passwords(passwords)
         self.problems = problems
         self.files = 0
@@ -112,7 +113,19 @@ class Budget:
 
     def add_passwords(self, passwords: Sequence[str]) -> None:
         """Append password candidates (duplicates dropped, at most ``MAX_PASSWORDS`` kept)."""
-        self.passwords = list(dict.fromkeys([*self.passwords, *passwords]))[:MAX_PASSWORDS]
+        self._passwords = list(dict.fromkeys([*self._passwords, *passwords]))[:MAX_PASSWORDS]
+
+    def add_passwords_later(self, source: Callable[[], Sequence[str]]) -> None:
+        """Append the candidates ``source()`` gives, computed only if an encrypted archive
+        asks for them (looking for hints in every message's text would cost every scan)."""
+        self._later.append(source)
+
+    @property
+    def passwords(self) -> list[str]:
+        """The password candidates, in order."""
+        while self._later:
+            self.add_passwords(self._later.pop(0)())
+        return self._passwords
 
     def problem(self, code: str, detail: str, part: str | None) -> None:
         """Record a problem. Takes a ``Problem`` code, a detail text and the part path."""

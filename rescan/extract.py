@@ -125,7 +125,7 @@ class _Walker:
                 return
         try:
             if harvest:
-                self.budget.add_passwords(password_hints(msg))
+                self.budget.add_passwords_later(lambda: password_hints(msg))
             yield from self._entity(msg, [], prefix, depth)
         except Exception as e:  # a structure the email package cannot walk: keep what we have
             self.budget.problem("malformed", f"MIME: {type(e).__name__}", prefix or None)

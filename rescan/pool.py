@@ -186,10 +186,9 @@ class WorkerPool(Executor):
             w.kill()
 
     def _assign(self) -> None:
-        with self._lock:  # cancelled tasks leave the queue here, whether or not a worker is free
-            live = [t for t in self._pending if not t[1].cancelled()]
-            if len(live) != len(self._pending):
-                self._pending = deque(live)
+        with self._lock:  # at shutdown, cancelled tasks leave the queue without waiting for a worker
+            if self._shutdown and self._pending:
+                self._pending = deque(t for t in self._pending if not t[1].cancelled())
         for w in self._workers:
             while w.ready and w.task is None:
                 with self._lock:
