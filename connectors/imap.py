@@ -30,6 +30,7 @@ Every library error (imaplib, imapclient, ssl, socket) is translated in ``map_im
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fnmatch
 import ipaddress
 import logging
@@ -64,6 +65,17 @@ T = TypeVar("T")
 _KEYWORD = re.compile(r"^[^\s()\[\]{}%*\"\\]+$")  # an IMAP flag atom, or \System flag
 _COPYUID = re.compile(rb"^\s*(\d+)\s+(\S+)\s+(\S+)")
 _FETCH_UID = re.compile(rb"\bUID (\d+)")
+_LISTING_LINE = re.compile(
+    rb'^\d+ \((?=.*\bUID (\d+))(?=.*\bRFC822\.SIZE (\d+))(?=.*\bINTERNALDATE "([^"]+)").*\)$'
+)
+
+
+def _internaldate(text: bytes) -> datetime.datetime | None:
+    """An IMAP INTERNALDATE (``17-Jul-1996 02:44:25 -0700``), or None when it is not one."""
+    try:
+        return datetime.datetime.strptime(text.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z")
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def compress_uids(uids: Sequence[int]) -> str:
@@ -261,6 +273,28 @@ class _Session:
         if typ != "OK":
             raise imap_exc.IMAPClientError(f"FETCH failed: {data[0]!r}")
         return dict(parse_fetch_response(data, normalise_times=False, uid_is_key=True))
+
+    def uid_fetch_listing(self, uid_set: str) -> dict[int, dict]:
+        """``UID FETCH uid_set (UID RFC822.SIZE INTERNALDATE)`` parsed by UID, in the shape of
+        ``uid_fetch``. The usual one-line answers are read with one regular expression (the
+        token parser costs a third of an IMAP scan's main-process CPU); any other line goes
+        through imapclient's parser."""
+        typ, data = self.client._imap.uid("FETCH", uid_set, "(UID RFC822.SIZE INTERNALDATE)")
+        if typ != "OK":
+            raise imap_exc.IMAPClientError(f"FETCH failed: {data[0]!r}")
+        found: dict[int, dict] = {}
+        odd = []
+        for item in data:
+            m = _LISTING_LINE.match(item) if isinstance(item, bytes) else None
+            date = _internaldate(m.group(3)) if m else None
+            if m is None or date is None:
+                odd.append(item)
+                continue
+            found[int(m.group(1))] = {b"RFC822.SIZE": int(m.group(2)), b"INTERNALDATE": date}
+        if odd:
+            for uid, fields in parse_fetch_response(odd, normalise_times=False, uid_is_key=True).items():
+                found.setdefault(uid, fields)
+        return found
 
     def uid_fetch_bodies(self, uid_set: str) -> dict[int, bytes]:
         """``UID FETCH uid_set (UID BODY.PEEK[])`` → UID: raw message. Reads imaplib's own
@@ -538,7 +572,7 @@ class ImapConnector(Connector):
                 if s.select(folder) != uidvalidity:
                     raise SourceError(f"{self._context(mailbox, folder)}: UIDVALIDITY changed "
                                       "during the listing; list the folder again")
-                return s.uid_fetch(f"{lo}:{hi}", "(UID RFC822.SIZE INTERNALDATE)")
+                return s.uid_fetch_listing(f"{lo}:{hi}")
 
             found = self._retrying(mailbox, folder, window)
             batch = []

@@ -473,3 +473,20 @@ def test_one_connection_per_thread(dovecot):
             t.join()
         assert len(conn._sessions) == 3  # the main thread's and one per worker thread
         assert len(results) == 2 * len(refs) and all(isinstance(v, bytes) for _, v in results)
+
+
+def test_listing_reads_plain_lines_fast_and_odd_ones_through_the_parser():
+    from types import SimpleNamespace
+
+    from connectors.imap import _Session
+
+    data = [
+        b'1 (UID 5 RFC822.SIZE 1234 INTERNALDATE "17-Jul-1996 02:44:25 -0700")',
+        b'2 (RFC822.SIZE 99 UID 6 INTERNALDATE " 7-Jul-1996 02:44:25 +0000")',  # other order
+        b"3 (FLAGS (\\Seen))",  # unsolicited, no UID
+    ]
+    imap = SimpleNamespace(uid=lambda *args: ("OK", data))
+    found = _Session(SimpleNamespace(_imap=imap), "alice").uid_fetch_listing("5:6")
+    assert found[5][b"RFC822.SIZE"] == 1234 and found[6][b"RFC822.SIZE"] == 99
+    assert found[5][b"INTERNALDATE"].isoformat() == "1996-07-17T02:44:25-07:00"
+    assert b"RFC822.SIZE" not in found.get(3, {})
