@@ -20,7 +20,6 @@ import collections
 import logging
 import queue
 import threading
-import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
