@@ -207,6 +207,8 @@ class _Walker:
         try:
             for name, body in READERS[kind](data, path, filename, self.budget):
                 yield from self._emit(f"{path}/{name}", None, name, body, depth + 1)
+        except ImportError as e:  # an optional archive library is not installed
+            self.budget.problem("unsupported", f"{kind}: needs {e.name} (install rescan[archives])", path)
         except Exception as e:  # one boundary for every archive library's errors
             self.budget.problem("malformed", f"{kind}: {type(e).__name__}: {str(e)[:120]}", path)
 
