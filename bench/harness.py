@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, ROOT  # noqa: E402
 from run import machine  # noqa: E402
-from sampler import children, run_measured, tree_rss  # noqa: E402
+from sampler import children, run_measured, stat_fields, tree_rss  # noqa: E402
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # tests.servers.* are imported by the scripts
@@ -90,9 +90,8 @@ def process_cpu(pid: int) -> float:
     tree = children()
     while stack:
         p = stack.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = stat_fields(p)
+        if fields is None:
             continue
         # fields[0] is field 3 (state): utime, stime, cutime, cstime are fields 14-17
         total += sum(int(x) for x in fields[11:15]) / CLOCK_TICKS

@@ -58,6 +58,15 @@ def tree_rss(root: int) -> int:
     return total
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (the first is the state), or
+    None for a gone process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def tree_cpu(root: int) -> dict[int, float]:
     """CPU seconds (user + system, own time only) of ``root`` and each live descendant."""
     tree = children()
@@ -65,9 +74,8 @@ def tree_cpu(root: int) -> dict[int, float]:
     cpu, stack = {}, [root]
     while stack:
         pid = stack.pop()
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        fields = stat_fields(pid)
+        if fields is None:
             continue
         cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
         stack.extend(tree.get(pid, ()))

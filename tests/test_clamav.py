@@ -10,7 +10,6 @@ import pickle
 import socket
 import struct
 import threading
-import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from email.message import EmailMessage
 from pathlib import Path
@@ -22,6 +21,7 @@ from rescan.engines.clamav import ClamdEngine, ClamdSpec
 from rescan.engines.clamd import ClamdAddress
 from rescan.errors import DefinitionsError, UsageError
 from rescan.models import Finding, Part, Status, Verdict
+from tests.mailgen import zipped
 from tests.servers.clamd import EICAR, EICAR_SIGNATURE, ClamdServer, start_clamd
 from tests.servers.clamd import clamd_server  # noqa: F401
 
@@ -40,14 +40,6 @@ def message(*attachments: tuple[bytes, str, str]) -> bytes:
         maintype, subtype = content_type.split("/")
         msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
     return msg.as_bytes()
-
-
-def zipped(name: str, data: bytes) -> bytes:
-    """A zip archive holding ``data`` as ``name``."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr(name, data)
-    return buf.getvalue()
 
 
 def closed_tcp_port() -> int:
