@@ -18,11 +18,13 @@ import fnmatch
 import hashlib
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
-from connectors.base import ActionResult, Connector, SourceOptions, register, scheme_of
+from connectors.base import ActionResult, Connector, FolderChanges, SourceOptions, register, scheme_of
 from rescan.errors import ActionError, FetchError, SourceError, UsageError
 from rescan.models import MessageRef
 
@@ -41,6 +43,9 @@ _MBOX_FORMATS = ("mboxrd", "mboxo")
 _BLANK_LINES = (b"\n", b"\r\n")
 # RFC 5322 header field name followed by a colon: how a message file starts.
 _HEADER_LINE = re.compile(rb"^[!-9;-~]+:")
+# A folder changed less than this long ago gets no cursor: a file added within the same
+# timestamp tick as the last change would leave its directory's times as they were.
+CURSOR_SETTLE_NS = 2_000_000_000
 
 
 @contextlib.contextmanager
@@ -98,7 +103,14 @@ def _iso_utc(seconds: float) -> str:
 
 
 class _LocalConnector(Connector):
-    """Shared parts of the one-mailbox local stores: mailbox name and folder checks."""
+    """Shared parts of the one-mailbox local stores: mailbox name, folder checks, cursors.
+
+    A folder's cursor (``cursor()``, ``changes()``) is the identity and the change times of the
+    files that change whenever a message is added, removed or renamed (``_watched()``: a
+    Maildir's ``new/`` and ``cur/`` directories, an mbox file), taken before the listing. Its
+    ctime cannot be set back by anyone (restoring a backup with its old mtimes still changes
+    it), and a folder changed in the last two seconds gets none. Equal cursors mean nothing was
+    added, removed or renamed: ``changes()`` then lists nothing."""
 
     max_connections = 4  # local disk: a few parallel readers help, more only seek
 
@@ -106,6 +118,45 @@ class _LocalConnector(Connector):
         super().__init__(source, options)
         self.path = path
         self.mailbox = mailbox
+        self._cursors: dict[str, str | None] = {}
+        self._cursor_lock = threading.Lock()
+
+    def _watched(self, folder: str) -> list[str]:
+        """The paths whose times change with the folder's listing (none: no cursor)."""
+        return []
+
+    def _snapshot(self, folder: str) -> str | None:
+        """The folder's cursor now, or None while it has changed too recently to be trusted
+        (or when this store has no cursor). Raises SourceError when a watched path cannot be
+        read."""
+        now = time.time_ns()
+        stamps = []
+        for path in self._watched(folder):
+            with map_local_errors(path):
+                st = os.stat(path)
+            if now - max(st.st_mtime_ns, st.st_ctime_ns) < CURSOR_SETTLE_NS:
+                return None
+            stamps.append(f"{st.st_dev}.{st.st_ino}.{st.st_size}.{st.st_mtime_ns}.{st.st_ctime_ns}")
+        return "local1:" + ":".join(stamps) if stamps else None
+
+    def _listed(self, folder: str, cursor: str | None) -> None:
+        """Remember the cursor taken before a listing of ``folder`` that ran to its end."""
+        with self._cursor_lock:
+            self._cursors[folder] = cursor
+
+    def cursor(self, mailbox: str, folder: str) -> str | None:
+        """The folder's cursor as the last complete ``refs()`` listing of it saw it."""
+        with self._cursor_lock:
+            return self._cursors.get(folder) if mailbox == self.mailbox else None
+
+    def changes(self, mailbox: str, folder: str, cursor: str) -> FolderChanges | None:
+        """Nothing, when the folder's cursor is still ``cursor``; else None (list it whole).
+        Raises SourceError when the folder does not exist or cannot be read."""
+        self._check(mailbox, folder)
+        now = self._snapshot(folder)
+        if now is None or now != cursor:
+            return None
+        return FolderChanges(iter(()), (), now)
 
     def mailboxes(self) -> list[str]:
         """The one mailbox of this store."""
@@ -196,11 +247,16 @@ class MaildirConnector(_LocalConnector):
                 found.setdefault(maildir_unique_name(e.name), (f"{sub}/{e.name}", st))
         return [(u, rel, st) for u, (rel, st) in sorted(found.items())]
 
+    def _watched(self, folder: str) -> list[str]:
+        base = self._folder_dir(folder)
+        return [os.path.join(base, "new"), os.path.join(base, "cur")]
+
     def refs(self, mailbox: str, folder: str) -> Iterator[list[MessageRef]]:
         """Every message of ``folder`` (stat only, no content read), sorted by unique name.
 
         Raises SourceError when the folder does not exist or cannot be listed."""
         self._check(mailbox, folder)
+        cursor = self._snapshot(folder)
         listing = self._list(folder)
         self._where[folder] = {u: rel for u, rel, _ in listing}
         yield from _batches(
@@ -211,6 +267,7 @@ class MaildirConnector(_LocalConnector):
             ),
             self.options.batch_count,
         )
+        self._listed(folder, cursor)
 
     def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
         """The file bytes of each ref, found by unique name even when the file moved from
@@ -527,6 +584,7 @@ class MboxConnector(_LocalConnector):
 
         Raises SourceError when the file cannot be read."""
         self._check(mailbox, folder)
+        cursor = self._snapshot(folder)
         with map_local_errors(self.path), _open_readonly(self.path) as f:
             yield from _batches(
                 (
@@ -535,6 +593,10 @@ class MboxConnector(_LocalConnector):
                 ),
                 self.options.batch_count,
             )
+        self._listed(folder, cursor)
+
+    def _watched(self, folder: str) -> list[str]:
+        return [self.path]
 
     def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
         """Each message's un-escaped bytes, read at its offset. A message whose bytes no

@@ -8,6 +8,7 @@ import io
 import os
 import random
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,93 @@ def test_maildir_content_size_change_changes_version(maildir):
         new = {r.id: r.version for r in all_refs(conn, "INBOX")}
         assert new["1700000001.M1P1.host"] != old["1700000001.M1P1.host"]
         assert new["1700000002.M2P1.host"] == old["1700000002.M2P1.host"]
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Folders count as settled at once (the two-second wait is tested on its own); each
+    change waits past the file system's timestamp tick so that it moves the times."""
+    monkeypatch.setattr(local, "CURSOR_SETTLE_NS", 0)
+    return lambda: time.sleep(0.05)
+
+
+def test_maildir_cursor_sees_deliveries_renames_and_removals(maildir, settled):
+    inbox = maildir / "cur"
+    changes = [
+        lambda: (maildir / "new" / "1700000009.M9P1.host").write_bytes(message(9)),  # delivered
+        lambda: os.rename(maildir / "new" / "1700000001.M1P1.host",
+                          inbox / "1700000001.M1P1.host:2,S"),  # read by a client
+        lambda: os.rename(inbox / "1700000002.M2P1.host:2,S", inbox / "1700000002.M2P1.host:2,RS"),
+        lambda: (inbox / "1700000001.M1P1.host:2,S").unlink(),  # expunged
+    ]
+    with open_source(f"maildir:{maildir}") as conn:
+        assert conn.cursor("alice", "INBOX") is None  # nothing listed yet
+        all_refs(conn, "INBOX")
+        cursor = conn.cursor("alice", "INBOX")
+        assert cursor is not None and conn.cursor("alice", "Junk") is None
+        for change in changes:
+            same = conn.changes("alice", "INBOX", cursor)
+            assert (list(same.refs), same.gone, same.cursor) == ([], (), cursor)
+            settled()
+            change()
+            assert conn.changes("alice", "INBOX", cursor) is None  # list it whole
+            settled()
+            all_refs(conn, "INBOX")
+            assert conn.cursor("alice", "INBOX") != cursor
+            cursor = conn.cursor("alice", "INBOX")
+        with pytest.raises(SourceError):
+            conn.changes("alice", "Nope", cursor)
+
+
+def test_maildir_cursor_is_per_folder(maildir, settled):
+    with open_source(f"maildir:{maildir}") as conn:
+        all_refs(conn)
+        cursors = {f: conn.cursor("alice", f) for f in ("INBOX", "Archive", "Junk")}
+        settled()
+        (maildir / ".Junk" / "new" / "1700000031.M31P1.host").write_bytes(message(31))
+        assert conn.changes("alice", "Junk", cursors["Junk"]) is None
+        assert conn.changes("alice", "Archive", cursors["Archive"]) is not None
+        assert conn.changes("alice", "INBOX", cursors["INBOX"]) is not None
+
+
+def test_a_folder_changed_in_the_last_seconds_gets_no_cursor(maildir, tmp_path):
+    # A message delivered in the same timestamp tick as the listing would leave the times as
+    # they were: a folder this fresh is listed whole next time.
+    with open_source(f"maildir:{maildir}") as conn:
+        all_refs(conn)
+        assert conn.cursor("alice", "INBOX") is None
+        (maildir / "new" / "1700000009.M9P1.host").write_bytes(message(9))
+        box = tmp_path / "box"
+        box.write_bytes(MBOXRD)
+    with open_source(f"mbox:{box}") as conn:
+        all_refs(conn)
+        assert conn.cursor("box", "box") is None
+
+
+def test_mbox_cursor_sees_appends_and_rewrites(tmp_path, settled):
+    path = tmp_path / "box"
+    path.write_bytes(MBOXRD)
+    with open_source(f"mbox:{path}") as conn:
+        all_refs(conn)
+        cursor = conn.cursor("box", "box")
+        assert cursor is not None and list(conn.changes("box", "box", cursor).refs) == []
+        settled()
+        with path.open("ab") as f:
+            f.write(b"From x@y Sat Jan  1 00:00:00 2000\n" + message(7) + b"\n")
+        assert conn.changes("box", "box", cursor) is None
+        settled()
+        all_refs(conn)
+        cursor = conn.cursor("box", "box")
+        settled()
+        path.write_bytes(MBOXRD)  # same bytes again, written anew: the times tell
+        assert conn.changes("box", "box", cursor) is None
+
+
+def test_eml_trees_have_no_cursor(eml_tree, settled):
+    with open_source(f"eml:{eml_tree}") as conn:
+        all_refs(conn)
+        (mailbox,) = conn.mailboxes()
+        assert all(conn.cursor(mailbox, f) is None for f in conn.folders(mailbox))
 
 
 def test_maildir_vanished_message_is_a_fetch_error_for_that_ref_only(maildir):

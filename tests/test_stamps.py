@@ -149,14 +149,48 @@ def test_full_ignores_stamps_and_a_changed_message_is_rescanned(small):
     assert report["run"]["summary"]["messages_scanned"] == 40 and code == 1
     assert not any(m["new"] for m in report["messages"])
 
-    # A clean message rewritten with EICAR attached: its size (version token) changes.
+    # A clean message rewritten with EICAR attached, the Maildir way (written in tmp/, renamed
+    # over the old file): its size (version token) changes.
     path = next((store / "cur").glob(unique(20) + ":*"))
-    path.write_bytes(message(20, infected=True))
+    (store / "tmp" / path.name).write_bytes(message(20, infected=True))
+    os.replace(store / "tmp" / path.name, path)
     code, report = scan(env, store, state, rules)
     s = report["run"]["summary"]
     assert (s["messages_scanned"], s["up_to_date"]) == (1, 39)
     changed = by_id(report)[unique(20)]
     assert (changed["status"], changed["new"], changed["rescanned"]) == ("infected", True, True)
+
+
+def test_unchanged_maildir_folders_are_not_listed_again(small):
+    store, rules, env, state = small
+    time.sleep(2.1)  # folders changed in the last two seconds get no cursor
+    code, report = scan(env, store, state, rules)
+    assert code == 1 and report["run"]["summary"]["folders_incremental"] == 0
+    assert len(query(state, "SELECT folder FROM folders WHERE token IS NOT NULL")) == 2
+
+    code, report = scan(env, store, state, rules)
+    s = report["run"]["summary"]
+    assert (s["folders"], s["folders_incremental"]) == (2, 2)
+    assert (s["messages_seen"], s["messages_scanned"], s["up_to_date"], s["infected"]) == (40, 0, 40, 3)
+    assert {m["id"] for m in report["messages"]} == {unique(4), unique(9), unique(105)}
+    assert code == 1
+
+    # Mail delivered to INBOX and one expunged from Archive: both folders are listed again.
+    put(store, 40, message(40, infected=True))
+    next((store / ".Archive" / "cur").glob(unique(105) + ":*")).unlink()
+    code, report = scan(env, store, state, rules)
+    s = report["run"]["summary"]
+    assert (s["folders_incremental"], s["messages_seen"], s["messages_scanned"]) == (0, 40, 1)
+    assert {m["id"]: m["new"] for m in report["messages"]} == {unique(4): False, unique(9): False, unique(40): True}
+
+    # Changed definitions: every folder is listed whole again, whatever its cursor.
+    time.sleep(2.1)
+    scan(env, store, state, rules)
+    rules_dir(rules, extra=MARKER_RULE)
+    code, report = scan(env, store, state, rules)
+    s = report["run"]["summary"]
+    assert (s["folders_incremental"], s["messages_scanned"]) == (0, 40)
+    assert by_id(report)[unique(12)]["new"] is True
 
 
 def test_verdict_cache_scans_a_shared_attachment_once_per_definitions(small, tmp_path):
