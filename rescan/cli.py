@@ -91,7 +91,7 @@ def execute(settings: ScanSettings, if_definitions_changed: bool = False) -> int
             initializer=init_worker,
             initargs=(definitions.specs, session.cache_path),
             task_timeout=settings.limits.timeout,
-            preload=("rescan.scan",),
+            preload=("rescan.scan", "rescan.extract"),
         )
         stack.callback(pool.shutdown, cancel_futures=True)
         progress = Progress(not settings.quiet and sys.stderr.isatty())

@@ -24,7 +24,6 @@ file); an inline password is refused. Example::
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +129,8 @@ def _known(d: dict, allowed: set[str], where: str) -> None:
 def load_config(path: str | Path) -> ScanSettings:
     """Read a TOML config. Raises UsageError for a missing or invalid file, unknown keys, or
     an inline secret."""
+    import tomllib  # only the scheduled job reads a config: plain scans do not pay for it
+
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:

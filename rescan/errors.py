@@ -14,8 +14,11 @@ contain secrets. The CLI turns any ``RescanError`` into one line on stderr and e
     │   └── TransientError  dropped connection, timeout, throttling (retried with backoff)
     ├── FetchError          one message could not be fetched (its verdict becomes ``error``)
     ├── ActionError         an action failed; the original message is left in place
-    └── StateError          the state store cannot be used
-        └── LockedError     another live run holds the state lock
+    ├── StateError          the state store cannot be used
+    │   └── LockedError     another live run holds the state lock
+    ├── WorkerCrashed       the worker process running a task died
+    ├── TaskTimeout         a task ran past its time limit; its worker was killed
+    └── InitializerFailed   a worker could not load the engines: no task can run
 """
 
 
@@ -61,3 +64,15 @@ class StateError(RescanError):
 
 class LockedError(StateError):
     """Another live run holds the lock on the state store."""
+
+
+class WorkerCrashed(RescanError):
+    """The worker process running the task died (a crash in a native library, OOM kill)."""
+
+
+class TaskTimeout(RescanError):
+    """The task ran longer than the pool's task timeout; its worker was killed."""
+
+
+class InitializerFailed(RescanError):
+    """A worker's initializer raised: no task can run."""

@@ -22,12 +22,13 @@ import queue
 import threading
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
-from rescan.errors import AuthError, RescanError
+from rescan.errors import AuthError, RescanError, TaskTimeout, WorkerCrashed
 from rescan.models import Limits, MessageRef, Problem, Status, Verdict
-from rescan.pool import TaskTimeout, WorkerCrashed
-from rescan.scan import ScanResult, scan_batch
+
+if TYPE_CHECKING:  # the worker side is imported when the first message is sent to a worker
+    from rescan.scan import ScanResult
 
 log = logging.getLogger("rescan")
 
@@ -430,6 +431,8 @@ class Pipeline:
         return plan.components if plan.kind == "delta" else None
 
     def _submit(self, batch: list[tuple[MessageRef, bytes, Plan]]) -> Future:
+        from rescan.scan import scan_batch
+
         comps = self._components(batch[0][2])
         args = ([raw for _, raw, _ in batch], comps, self.limits, self.cache_key_of(comps), self.passwords)
         submit_timed = getattr(self.executor, "submit_timed", None)

@@ -11,29 +11,20 @@ lives. Task functions must be picklable module-level functions.
 from __future__ import annotations
 
 import itertools
-import multiprocessing as mp
 import os
 import threading
 import time
 import traceback
 from collections import deque
 from concurrent.futures import Executor, Future
-from multiprocessing.connection import Connection, wait
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from rescan.errors import RescanError
+if TYPE_CHECKING:  # multiprocessing is imported when the first task starts the workers
+    from multiprocessing.connection import Connection
 
+from rescan.errors import InitializerFailed, RescanError, TaskTimeout, WorkerCrashed
 
-class WorkerCrashed(RescanError):
-    """The worker process running the task died (a crash in a native library, OOM kill)."""
-
-
-class TaskTimeout(RescanError):
-    """The task ran longer than the pool's task timeout; its worker was killed."""
-
-
-class InitializerFailed(RescanError):
-    """A worker's initializer raised: no task can run."""
+__all__ = ["InitializerFailed", "TaskTimeout", "WorkerCrashed", "WorkerPool"]
 
 
 def _worker_main(conn: Connection, initializer, initargs) -> None:
@@ -97,27 +88,33 @@ class WorkerPool(Executor):
         preload: tuple[str, ...] = (),
     ):
         self.max_workers = max_workers or os.cpu_count() or 1
-        # forkserver where there is one: a fresh, single-threaded parent for every worker
-        # (the pipeline's own threads are never forked), and cheap to start with ``preload``.
-        if mp_context is None:
-            mp_context = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        self._ctx = mp.get_context(mp_context)
-        if mp_context == "forkserver" and preload:
-            self._ctx.set_forkserver_preload(list(preload))
+        self._mp_context = mp_context
+        self._preload = preload
         self._init = (initializer, initargs)
         self._timeout = task_timeout
         self._max_tasks = max_tasks_per_worker
         self._pending: deque[tuple[int, Future, Callable, tuple, dict, float | None]] = deque()
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._wakeup_r, self._wakeup_w = self._ctx.Pipe(duplex=False)
         self._shutdown = False
         self._broken: str | None = None
         self._workers: list[_Worker] = []
         self._thread: threading.Thread | None = None
 
     def _start(self) -> None:
-        """Start the workers on the first submit: a run that scans nothing starts no process."""
+        """Start the workers on the first submit: a run that scans nothing starts no process
+        (and does not even import multiprocessing)."""
+        import multiprocessing as mp
+
+        # forkserver where there is one: a fresh, single-threaded parent for every worker
+        # (the pipeline's own threads are never forked), and cheap to start with ``preload``.
+        method = self._mp_context
+        if method is None:
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        self._ctx = mp.get_context(method)
+        if method == "forkserver" and self._preload:
+            self._ctx.set_forkserver_preload(list(self._preload))
+        self._wakeup_r, self._wakeup_w = self._ctx.Pipe(duplex=False)
         self._workers = [self._spawn() for _ in range(self.max_workers)]
         self._thread = threading.Thread(target=self._loop, name="rescan-pool", daemon=True)
         self._thread.start()
@@ -152,12 +149,16 @@ class WorkerPool(Executor):
             if cancel_futures:
                 while self._pending:
                     self._pending.popleft()[1].cancel()
+        if self._thread is None:
+            return  # never started
         self._wakeup_w.send(b"")
-        if wait and self._thread is not None:
+        if wait:
             self._thread.join()
 
     # The dispatcher thread: assigns tasks, collects results, replaces dead or late workers.
     def _loop(self) -> None:
+        from multiprocessing.connection import wait
+
         while True:
             self._assign()
             with self._lock:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, TextIO
+from typing import TYPE_CHECKING, Any, Iterable, TextIO
 
 from rescan.models import Status
-from rescan.pipeline import Record, RunError
+
+if TYPE_CHECKING:
+    from rescan.pipeline import Record, RunError
 
 EXIT_CLEAN, EXIT_INFECTED, EXIT_ERROR = 0, 1, 2
 

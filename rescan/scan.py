@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Collection
 
 from rescan.engines import Engine, EngineSpec
-from rescan.extract import extract
 from rescan.models import Finding, Limits, Part, Problem, Verdict
 
 CACHE_MIN_SIZE = 1024  # smaller parts (and the header block) are unique per message: not cached
@@ -80,6 +79,10 @@ def scan_message(
     fingerprint of that component set: parts whose (sha256, cache_key) is in the verdict
     cache are not scanned again. Never raises for bad mail: problems end up on the verdict.
     """
+    # Imported here, in the worker (the pool preloads it): a run that scans nothing, such as
+    # a rerun with every stamp current, never loads the MIME and archive readers.
+    from rescan.extract import extract
+
     findings: list[Finding] = []
     problems: list[Problem] = []
     rows = []

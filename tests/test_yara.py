@@ -77,6 +77,25 @@ def test_fingerprint_follows_includes(tmp_path):
     assert fingerprint_rule_file(main) != before
 
 
+def test_remembered_fingerprints_follow_changed_rule_files_and_includes(tmp_path):
+    inc = write(tmp_path / "inc/common.yar", 'rule Common { strings: $a = "one" condition: $a }')
+    write(tmp_path / "r/main.yar", 'include "../inc/common.yar"\nrule M { condition: Common }')
+    write(tmp_path / "r/plain.yar", 'rule P { strings: $a = "the include word" condition: $a }')
+    first = YaraSpec([tmp_path / "r"])
+    assert first.rule_counts() == {"main.yar": 1, "plain.yar": 1}
+    assert YaraSpec([tmp_path / "r"]).components() == first.components()  # remembered
+
+    inc.write_text('rule Common { strings: $a = "two!" condition: $a }')  # another size
+    second = YaraSpec([tmp_path / "r"]).components()
+    assert second["main.yar"] != first.components()["main.yar"]
+    assert second["plain.yar"] == first.components()["plain.yar"]
+    assert second["main.yar"] == fingerprint_rule_file(tmp_path / "r/main.yar")
+
+    inc.unlink()  # what a remembered fingerprint rested on is gone: a clear error
+    with pytest.raises(DefinitionsError, match="common.yar"):
+        YaraSpec([tmp_path / "r"])
+
+
 def test_subset_scans_only_those_components(tmp_path):
     write(tmp_path / "r/a.yar", 'rule A { strings: $a = "alpha" condition: $a }')
     write(tmp_path / "r/b.yar", 'rule B { strings: $b = "alpha" condition: $b }')

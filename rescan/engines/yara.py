@@ -77,8 +77,9 @@ def find_rule_files(paths: Iterable[str | Path]) -> dict[str, Path]:
         p = Path(given)
         if p.is_dir():
             root = p.resolve()
+            prefix = len(str(root)) + 1
             files = sorted(
-                Path(d, name).relative_to(root)
+                os.path.join(d, name)[prefix:]
                 for d, _, names in os.walk(root, followlinks=True)
                 for name in names
                 if os.path.splitext(name)[1].lower() in RULE_SUFFIXES
@@ -86,7 +87,7 @@ def find_rule_files(paths: Iterable[str | Path]) -> dict[str, Path]:
             if not files:
                 raise DefinitionsError(f"no .yar or .yara rule files in {p}")
             for rel in files:
-                add(rel.as_posix(), root / rel)
+                add(rel.replace(os.sep, "/"), root / rel)
         elif p.is_file():
             add(p.name, p.resolve())
         else:
@@ -96,35 +97,51 @@ def find_rule_files(paths: Iterable[str | Path]) -> dict[str, Path]:
 
 def fingerprint_rule_file(path: Path) -> str:
     """sha256 over the file's bytes and, recursively, the bytes of every file it includes."""
+    return _read_rule_file(path)[0]
+
+
+def _stamp(path: Path) -> list[int]:
+    """[size, mtime in ns] of a rule file. Raises DefinitionsError when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DefinitionsError(f"cannot read rule file {path}: {exc.strerror}") from None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_rule_file(path: Path) -> tuple[str, int, list[list]]:
+    """(fingerprint, rule count, [path, size, mtime] of every file read: ``path`` and,
+    recursively, what it includes; each stamped before it is read). Raises DefinitionsError
+    when one cannot be read."""
     h = hashlib.sha256()
-    seen: set[Path] = set()
+    read: dict[Path, list[int]] = {}
+    count = 0
 
     def feed(p: Path) -> None:
-        if p in seen:
+        nonlocal count
+        if p in read:
             return
-        seen.add(p)
+        read[p] = _stamp(p)
         try:
             data = p.read_bytes()
         except OSError as exc:
             raise DefinitionsError(f"cannot read rule file {p}: {exc.strerror}") from None
         h.update(len(data).to_bytes(8, "big"))
         h.update(data)
+        if p == path:
+            count = len(_RULE_DECL.findall(data))
         for inc in _INCLUDE.findall(data) if b"include" in data else ():
             feed((p.parent / inc.decode("utf-8", "replace")).resolve())
 
     feed(path)
-    return h.hexdigest()
-
-
-def count_rules(path: Path) -> int:
-    """Number of rules declared in a rule file (by its ``rule NAME`` declarations)."""
-    return len(_RULE_DECL.findall(path.read_bytes()))
+    return h.hexdigest(), count, [[str(p), *st] for p, st in read.items()]
 
 
 class _FileFacts:
-    """Fingerprint and rule count per rule file, remembered by (path, size, mtime) in the
-    cache directory: a rerun over a large public rule set must not re-read every file. Files
-    with ``include`` directives are always fingerprinted anew (their includes may change)."""
+    """Fingerprint and rule count per rule file, remembered in the cache directory with the
+    size and mtime of every file that went into them (the file and what it includes, each
+    stamped before it was read): a rerun over a large public rule set must not re-read every
+    file."""
 
     def __init__(self, path: Path, facts: dict[str, list]):
         self.path = path
@@ -142,18 +159,16 @@ class _FileFacts:
 
     def get(self, file: Path) -> tuple[str, int]:
         """(fingerprint, rule count) of ``file``. Raises DefinitionsError when unreadable."""
-        try:
-            st = file.stat()
-        except OSError as exc:
-            raise DefinitionsError(f"cannot read rule file {file}: {exc.strerror}") from None
-        stamp = [st.st_size, st.st_mtime_ns]
         hit = self.facts.get(str(file))
-        if hit and hit[:2] == stamp:
-            return hit[2], hit[3]
-        fp, count = fingerprint_rule_file(file), count_rules(file)
-        if b"include" not in file.read_bytes():
-            self.facts[str(file)] = [*stamp, fp, count]
-            self.changed = True
+        try:
+            fp, count, read = hit
+            if all(_stamp(name) == [size, mtime] for name, size, mtime in read):
+                return fp, count
+        except (TypeError, ValueError, DefinitionsError):  # another shape, a file gone: read anew
+            pass
+        fp, count, read = _read_rule_file(file)
+        self.facts[str(file)] = [fp, count, read]
+        self.changed = True
         return fp, count
 
     def save(self) -> None:
