@@ -41,6 +41,7 @@ class Definitions:
                 self._components[name] = _digest([fp, salt])
                 self._engine_of[name] = spec.name
         self._components = dict(sorted(self._components.items()))
+        self._subset_fps: dict[tuple[str, ...] | None, str] = {}
 
     @classmethod
     def build(cls, rules=(), clamd: str | None = None, limits: Limits | None = None) -> Definitions:
@@ -67,9 +68,14 @@ class Definitions:
         return _digest(self._components)[:16]
 
     def fingerprint_of(self, components: list[str] | tuple[str, ...] | None) -> str:
-        """Fingerprint of a subset of components (all when None), used as a verdict-cache key."""
-        names = sorted(self._components) if components is None else sorted(components)
-        return _digest({n: self._components[n] for n in names})
+        """Fingerprint of a subset of components (all when None), used as a verdict-cache key
+        (asked once per batch of messages: remembered)."""
+        key = None if components is None else tuple(sorted(components))
+        fp = self._subset_fps.get(key)
+        if fp is None:
+            names = self._components if key is None else key
+            fp = self._subset_fps[key] = _digest({n: self._components[n] for n in names})
+        return fp
 
     def changes_since(self, previous: dict[str, str] | None) -> dict[str, list[str]]:
         """Components added, changed and removed since ``previous`` (empty lists when None)."""
