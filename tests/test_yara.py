@@ -109,8 +109,60 @@ def test_spec_pickles_and_compiled_rules_are_reused(tmp_path):
     write(tmp_path / "r/a.yar", 'rule A { strings: $a = "alpha" condition: $a }')
     spec = YaraSpec([tmp_path / "r"])
     again = pickle.loads(pickle.dumps(spec))
-    assert again.compiled_path == YaraSpec([tmp_path / "r"]).compiled_path
+    assert again.layers == YaraSpec([tmp_path / "r"]).layers
     assert [x.rule for x in again.load().scan_part(part(b"alpha"))[0]] == ["A"]
+
+
+def many_rule_files(root, n=20):
+    for i in range(n):
+        write(root / f"f{i:02d}.yar", f'rule R{i:02d} {{ strings: $a = "alpha" condition: $a }}\n'
+                                      f'rule S{i:02d} {{ strings: $b = "beta" condition: $b }}')
+
+
+def rules_found(spec, data=b"alpha beta"):
+    return [(f.namespace, f.rule) for f in spec.load().scan_part(part(data))[0]]
+
+
+def test_a_few_changed_rule_files_are_compiled_alone_on_top_of_the_earlier_set(tmp_path):
+    root = tmp_path / "r"
+    many_rule_files(root)
+    first = YaraSpec([root])
+    assert len(first.layers) == 1 and first.layers[0][1] is None
+
+    write(root / "a-new.yar", 'rule New { strings: $a = "beta" condition: $a }')
+    write(root / "f03.yar", 'rule Changed { strings: $a = "beta" condition: $a }')
+    (root / "f07.yar").unlink()
+    spec = YaraSpec([root])
+    (base, keep), (added, whole) = spec.layers
+    assert base == first.layers[0][0] and whole is None
+    assert set(keep) == {f"f{i:02d}.yar" for i in range(20)} - {"f03.yar", "f07.yar"}
+
+    found = rules_found(spec)
+    assert ("f03.yar", "R03") not in found and ("f03.yar", "Changed") in found  # the new f03 only
+    assert not any(ns == "f07.yar" for ns, _ in found)  # removed: nothing from it
+    assert ("a-new.yar", "New") in found
+    alpha = rules_found(spec, b"alpha")
+    # The same findings, in the same order, as the whole set compiled in one piece.
+    for cached in (tmp_path / "cache").rglob("*.yarc"):
+        cached.unlink()
+    fresh = YaraSpec([root])
+    assert len(fresh.layers) == 1 and rules_found(fresh) == found
+    assert rules_found(fresh, b"alpha") == alpha
+
+
+def test_a_broken_added_file_fails_before_any_mail_and_many_changes_compile_whole(tmp_path):
+    root = tmp_path / "r"
+    many_rule_files(root)
+    YaraSpec([root])
+    write(root / "bad.yar", "rule Bad {\n condition: nope }")
+    with pytest.raises(DefinitionsError, match=r"bad\.yar\(2\)"):
+        YaraSpec([root])
+    (root / "bad.yar").unlink()
+    for i in range(5):  # a quarter of the files: compiled whole again
+        write(root / f"f{i:02d}.yar", f'rule T{i:02d} {{ strings: $a = "alpha" condition: $a }}')
+    spec = YaraSpec([root])
+    assert len(spec.layers) == 1 and spec.layers[0][1] is None
+    assert ("f00.yar", "T00") in rules_found(spec) and ("f19.yar", "R19") in rules_found(spec)
 
 
 def test_bundled_rules_find_eicar():

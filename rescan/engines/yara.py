@@ -6,10 +6,14 @@ include changes the file's fingerprint. The externals that public rule sets expe
 (``filename``, ``filepath``, ``extension``, ``filetype``, ``owner``) are defined at compile time
 and set per part at match time.
 
-Compiled rules cannot be pickled: the spec compiles once in the main process (which is also
-where compile errors surface, naming file and line), saves the compiled rules to a file, and
-each worker ``yara.load()``s that file once. A delta scan over a few rule files compiles that
-subset in the worker, once per subset.
+Compiled rules cannot be pickled: the spec compiles in the main process (which is also where
+compile errors surface, naming file and line, before any mail is read), saves the compiled rules
+in the cache directory, and each worker ``yara.load()``s them once. Compiling a large public
+rule set takes seconds, so the whole set is compiled only when no earlier compiled set covers
+most of it: after a few rule files are added or changed, only those are compiled, and the whole
+set is *layered*: the earlier compiled set (its matches from removed or changed files dropped)
+plus the new files. Matches are ordered as one compiled set would order them. A delta scan over
+a few rule files compiles that subset in the worker, once per subset.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Iterator
 
 import yara
 
@@ -33,6 +37,8 @@ RULE_SUFFIXES = (".yar", ".yara")
 BUNDLED_RULES = Path(__file__).resolve().parent.parent / "rules"
 EXTERNALS = {"filename": "", "filepath": "", "extension": "", "filetype": "", "owner": ""}
 KEEP_COMPILED = 8  # compiled rule sets kept in the cache (one per recent definitions version)
+# Layering is used when the files not in an earlier compiled set are at most this share of all.
+LAYER_SHARE = 0.1
 _INCLUDE = re.compile(rb'^\s*include\s+"([^"]+)"', re.M)
 _RULE_DECL = re.compile(rb"^\s*(?:(?:private|global)\s+)*rule\s+\w+", re.M)
 # Magic numbers for the ``filetype`` external, with the names public rule sets compare against.
@@ -204,9 +210,50 @@ def compile_rules(files: dict[str, Path]) -> yara.Rules:
         raise DefinitionsError(f"rules could not be compiled: {exc}") from None
 
 
+def _set_key(components: dict[str, str]) -> str:
+    """The cache name of a compiled set: a hash of its rule files and their fingerprints."""
+    return hashlib.sha256(repr(sorted(components.items())).encode()).hexdigest()[:32]
+
+
+def compile_to_cache(files: dict[str, Path], components: dict[str, str]) -> Path:
+    """Compile ``files`` (whose fingerprints are ``components``) into the compiled-rules cache,
+    with a note of its components next to it, and keep the KEEP_COMPILED most recently used
+    sets. Returns the compiled file. Raises DefinitionsError."""
+    rules = compile_rules(files)
+    cache = compiled_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{_set_key(components)}.yarc"
+    for target, write in (
+        (path, rules.save),
+        (path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(components), encoding="utf-8")),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-")
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, target)
+    for old in sorted(cache.glob("*.yarc"), key=lambda p: p.stat().st_mtime)[:-KEEP_COMPILED]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+    return path
+
+
+def _cached_sets() -> Iterator[tuple[Path, dict[str, str]]]:
+    """(compiled file, its components) of every compiled set in the cache."""
+    for note in compiled_cache_dir().glob("*.json"):
+        path = note.with_suffix(".yarc")
+        try:
+            components = json.loads(note.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(components, dict) and path.exists():
+            yield path, components
+
+
 class YaraSpec(EngineSpec):
-    """YARA rules from files and directories. Compiles once at construction (so a broken rule
-    file fails the run before any mail is touched) and saves the compiled rules for workers.
+    """YARA rules from files and directories. Compiles at construction what no compiled set
+    in the cache holds (so a broken rule file fails the run before any mail is touched) and
+    saves it for the workers. ``layers``: (compiled file, namespaces taken from it, or None
+    for all of it), together the whole rule set (see the module docstring).
 
     ``timeout`` is yara's own per-match timeout in seconds (the pool keeps its own watchdog).
     """
@@ -221,26 +268,31 @@ class YaraSpec(EngineSpec):
         known.save()
         self._components = {ns: f[0] for ns, f in facts.items()}
         self._counts = {ns: f[1] for ns, f in facts.items()}
-        self.compiled_path = str(self._compiled())
+        self.layers = self._compiled()
 
-    def _compiled(self) -> Path:
-        """The compiled rules file for exactly these rule files, compiling them on a cache miss.
-        Compiling a large public rule set takes seconds; a rerun with unchanged rules must not."""
-        key = hashlib.sha256(repr(sorted(self._components.items())).encode()).hexdigest()[:32]
-        cache = compiled_cache_dir()
-        path = cache / f"{key}.yarc"
+    def _compiled(self) -> list[tuple[str, tuple[str, ...] | None]]:
+        """The layers of the whole set: the cached compiled set of exactly these files; else
+        the cached set that holds the most of them as they are now, plus the others compiled
+        here, when those are few; else the whole set compiled here."""
+        cur = self._components
+        path = compiled_cache_dir() / f"{_set_key(cur)}.yarc"
         if path.exists():
             os.utime(path)
-            return path
-        rules = compile_rules(self.files)
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".tmp-", suffix=".yarc")
-        os.close(fd)
-        rules.save(tmp)
-        os.replace(tmp, path)
-        for old in sorted(cache.glob("*.yarc"), key=lambda p: p.stat().st_mtime)[:-KEEP_COMPILED]:
-            old.unlink(missing_ok=True)
-        return path
+            return [(str(path), None)]
+        best: tuple[Path, tuple[str, ...]] | None = None
+        for cached, components in _cached_sets():
+            same = tuple(ns for ns, fp in components.items() if cur.get(ns) == fp)
+            if same and (best is None or len(same) > len(best[1])):
+                best = cached, same
+        rest = {ns: self.files[ns] for ns in cur if best is None or ns not in best[1]}
+        if best is None or len(rest) > LAYER_SHARE * len(cur):
+            return [(str(compile_to_cache(self.files, cur)), None)]
+        base, same = best
+        os.utime(base)
+        layers: list[tuple[str, tuple[str, ...] | None]] = [(str(base), tuple(sorted(same)))]
+        if rest:
+            layers.append((str(compile_to_cache(rest, {ns: cur[ns] for ns in rest})), None))
+        return layers
 
     def components(self) -> dict[str, str]:
         return dict(self._components)
@@ -253,7 +305,7 @@ class YaraSpec(EngineSpec):
         return {"version": yara.__version__, "rules": sum(self.rule_counts().values())}
 
     def load(self) -> YaraEngine:
-        return YaraEngine(self.compiled_path, self.files, self.timeout)
+        return YaraEngine(self.layers, self.files, self.timeout)
 
 
 class YaraEngine(Engine):
@@ -261,27 +313,28 @@ class YaraEngine(Engine):
 
     name = "yara"
 
-    def __init__(self, compiled_path: str, files: dict[str, Path], timeout: int):
-        self.rules = yara.load(compiled_path)
+    def __init__(self, layers: list[tuple[str, tuple[str, ...] | None]], files: dict[str, Path], timeout: int):
+        self.layers = [(yara.load(path), None if keep is None else frozenset(keep)) for path, keep in layers]
         self.files = files
         self.timeout = timeout
         self._subset = lru_cache(maxsize=8)(self._compile_subset)
 
-    def _compile_subset(self, components: frozenset[str]) -> yara.Rules | None:
+    def _compile_subset(self, components: frozenset[str]) -> list[tuple[yara.Rules, None]]:
         chosen = {ns: p for ns, p in self.files.items() if ns in components}
-        return compile_rules(chosen) if chosen else None
+        return [(compile_rules(chosen), None)] if chosen else []
 
-    def _rules_for(self, components: Collection[str] | None) -> yara.Rules | None:
+    def _rules_for(self, components: Collection[str] | None) -> list[tuple[yara.Rules, frozenset[str] | None]]:
+        """Compiled sets to match, each with the namespaces to keep from it (None: all)."""
         if components is None:
-            return self.rules
+            return self.layers
         wanted = frozenset(set(components) & self.files.keys())
         if wanted == self.files.keys():
-            return self.rules
+            return self.layers
         return self._subset(wanted)
 
     def scan_part(self, part: Part, components: Collection[str] | None = None) -> ScanOutput:
-        rules = self._rules_for(components)
-        if rules is None:
+        layers = self._rules_for(components)
+        if not layers:
             return [], []
         name = part.filename or ""
         externals = {
@@ -291,12 +344,17 @@ class YaraEngine(Engine):
             "filetype": filetype_of(part.data),
             "owner": "",
         }
+        matches = []
         try:
-            matches = rules.match(data=part.data, externals=externals, timeout=self.timeout)
+            for rules, keep in layers:
+                found = rules.match(data=part.data, externals=externals, timeout=self.timeout)
+                matches += found if keep is None else [m for m in found if m.namespace in keep]
         except yara.TimeoutError:
             return [], [Problem("timeout", "yara match timed out", part.path)]
         except yara.Error as exc:
             return [], [Problem("engine", f"yara: {exc}", part.path)]
+        if len(layers) > 1:  # in the order of one compiled set: namespaces sorted, rules in file order
+            matches.sort(key=lambda m: m.namespace)
         findings = [
             Finding(
                 engine="yara",
