@@ -113,9 +113,13 @@ class _LocalConnector(Connector):
     added, removed or renamed: ``changes()`` then lists nothing."""
 
     max_connections = 4  # local disk: a few parallel readers help, more only seek
+    scheme = ""  # the source scheme of the store's kind
 
     def __init__(self, source: str, options: SourceOptions, path: str, mailbox: str):
         super().__init__(source, options)
+        # The store's name in the state and the reports: its kind and absolute path, however
+        # it was given (a bare path, a relative one from a scheduled job's directory).
+        self.source = f"{self.scheme}:{os.path.abspath(path)}"
         self.path = path
         self.mailbox = mailbox
         self._cursors: dict[str, str | None] = {}
@@ -197,6 +201,8 @@ class MaildirConnector(_LocalConnector):
     change it). Messages are looked up in ``new/`` and ``cur/``; ``tmp/`` is ignored.
     Raises SourceError when ``PATH`` is not a Maildir.
     """
+
+    scheme = "maildir"
 
     def __init__(self, source: str, options: SourceOptions):
         path = _path_of(source)
@@ -557,6 +563,8 @@ class MboxConnector(_LocalConnector):
     Raises SourceError when ``PATH`` is not an mbox file, UsageError for an unknown format.
     """
 
+    scheme = "mbox"
+
     def __init__(self, source: str, options: SourceOptions):
         path = _path_of(source)
         fmt = options.extra.get("mbox_format", "mboxrd")
@@ -653,6 +661,8 @@ class EmlConnector(_LocalConnector):
     Message id: the relative file path; version: ``size:mtime_ns``.
     Raises SourceError when ``PATH`` does not exist.
     """
+
+    scheme = "eml"
 
     def __init__(self, source: str, options: SourceOptions):
         path = _path_of(source)

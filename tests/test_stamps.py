@@ -193,6 +193,18 @@ def test_unchanged_maildir_folders_are_not_listed_again(small):
     assert by_id(report)[unique(12)]["new"] is True
 
 
+def test_a_store_named_by_a_relative_path_is_the_same_store(small):
+    store, rules, env, state = small
+    scan(env, store, state, rules)
+    relative = os.path.relpath(store, REPO)  # the CLI runs from the repository root
+    for named in (relative, f"maildir:{relative}", f"maildir://{store}"):
+        code, report = scan(env, named, state, rules)
+        s = report["run"]["summary"]
+        assert (s["messages_scanned"], s["up_to_date"]) == (0, 40), named
+        assert {m["source"] for m in report["messages"]} == {f"maildir:{store}"}
+    assert query(state, "SELECT DISTINCT source FROM messages") == [(f"maildir:{store}",)]
+
+
 def test_verdict_cache_scans_a_shared_attachment_once_per_definitions(small, tmp_path):
     store, rules, env, state = small
     shared_infected = SHARED + EICAR  # cacheable, and with a finding to carry over
@@ -264,8 +276,8 @@ def test_status_per_mailbox(small, tmp_path):
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     rows = {(r["source"], r["mailbox"]): r for r in doc["mailboxes"]}
-    assert set(rows) == {(str(store), "mail"), (str(other), "other")}
-    a, b = rows[(str(store), "mail")], rows[(str(other), "other")]
+    assert set(rows) == {(f"maildir:{store}", "mail"), (f"maildir:{other}", "other")}
+    a, b = rows[(f"maildir:{store}", "mail")], rows[(f"maildir:{other}", "other")]
     assert (a["messages"], a["coverage"], a["infected"]) == (40, 100.0, 3)
     assert (b["messages"], b["coverage"], b["infected"]) == (5, 100.0, 1)
     assert a["last_scan_run"] == 1 and b["last_scan_run"] == 2  # the second run skipped `mail`
@@ -276,7 +288,7 @@ def test_status_per_mailbox(small, tmp_path):
     p = rescan(env, "status", "--state", str(state), "--rules", str(rules), "--format", "json")
     assert [r["coverage"] for r in json.loads(p.stdout)["mailboxes"]] == [0.0, 0.0]
     text = rescan(env, "status", "--state", str(state)).stdout
-    assert f"{store} mail: 40 messages, 100.0% scanned with current definitions, 3 infected, last scanned " in text
+    assert f"maildir:{store} mail: 40 messages, 100.0% scanned with current definitions, 3 infected, last scanned " in text
     assert "last scanned -" not in text
 
 
