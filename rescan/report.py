@@ -147,9 +147,13 @@ def message_json(rec: Record) -> dict[str, Any]:
 
 
 def write_json(report: Report, out: TextIO) -> None:
-    """Write the JSON report."""
-    json.dump(report.to_json(), out, indent=2, sort_keys=False, default=str)
-    out.write("\n")
+    """Write the JSON report: the ``run`` object on one line, then one line per message (so
+    that ``grep`` finds a message with all its findings; ``jq .`` shows it indented)."""
+    doc = report.to_json()
+    out.write('{"run": ' + json.dumps(doc["run"], default=str) + ',\n "messages": [')
+    for i, message in enumerate(doc["messages"]):
+        out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(message, default=str))
+    out.write("\n ]}\n" if doc["messages"] else "]}\n")
 
 
 def _size(n: int) -> str:
