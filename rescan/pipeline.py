@@ -16,7 +16,6 @@ has been yielded (and the run was not stopped), ``Ledger.folder_done`` gets its 
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -135,12 +134,18 @@ class ByteBudget:
         self.used = 0
         self._cond = threading.Condition()
 
-    def acquire(self, n: int, stop: threading.Event) -> bool:
-        """Wait until ``n`` bytes fit; False when ``stop`` was set while waiting."""
+    def acquire(self, n: int, stop: threading.Event, on_wait: Callable[[], None] | None = None) -> bool:
+        """Wait until ``n`` bytes fit; False when ``stop`` was set while waiting. ``on_wait``
+        is called once before waiting (to send off what the caller holds, so that the bytes
+        it has acquired can come back)."""
         with self._cond:
             while self.used and self.used + n > self.limit:
                 if stop.is_set():
                     return False
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
+                    continue
                 self._cond.wait(0.2)
             self.used += n
             return True
@@ -297,19 +302,37 @@ class Pipeline:
         return True
 
     def _fetch_batch(self, conn, refs: list[MessageRef]) -> None:
+        """Plan ``refs``, fetch those to scan, and send them to the scan side in batches (of
+        one plan's components, up to BATCH_COUNT messages or BATCH_BYTES), the records of the
+        others in one list."""
+        records: list[Record] = []
+        batches: dict[tuple[str, ...] | None, list[tuple[MessageRef, bytes, Plan]]] = {}
+        try:
+            self._fetch_into(conn, refs, records, batches)
+        finally:
+            self._send(batches)
+            if records:
+                self._q.put(("records", records))
+
+    def _send(self, batches: dict) -> None:
+        for batch in batches.values():
+            self._q.put(("scan", batch))
+        batches.clear()
+
+    def _fetch_into(self, conn, refs: list[MessageRef], records: list[Record], batches: dict) -> None:
         self.on_discovered(len(refs))
         with self._plan_lock:
             plans = self.planner.plan(refs)
         to_fetch = []
         for ref, plan in zip(refs, plans):
             if plan.kind == "skip":
-                self._q.put(("record", Record(ref, plan.previous, False, False, plan)))
+                records.append(Record(ref, plan.previous, False, False, plan))
             elif ref.size is not None and ref.size > self.limits.max_message_size:
                 v = Verdict(
                     Status.SKIPPED,
                     problems=(Problem("too-large", f"{ref.size} bytes > --max-message-size {self.limits.max_message_size}"),),
                 )
-                self._q.put(("record", Record(ref, v, plan.was_clean_or_unknown, False, plan)))
+                records.append(Record(ref, v, plan.was_clean_or_unknown, False, plan))
             else:
                 to_fetch.append((ref, plan))
         if not to_fetch:
@@ -321,15 +344,19 @@ class Pipeline:
                 seen.add(ref.key)
                 plan = by_key[ref.key]
                 if isinstance(raw, Exception):
-                    self._q.put(("record", Record(ref, error_verdict("fetch", str(raw)), plan.was_clean_or_unknown, False, plan)))
+                    records.append(Record(ref, error_verdict("fetch", str(raw)), plan.was_clean_or_unknown, False, plan))
                     continue
                 if len(raw) > self.limits.max_message_size:
                     v = Verdict(Status.SKIPPED, problems=(Problem("too-large", f"{len(raw)} bytes > --max-message-size {self.limits.max_message_size}"),))
-                    self._q.put(("record", Record(ref, v, plan.was_clean_or_unknown, False, plan)))
+                    records.append(Record(ref, v, plan.was_clean_or_unknown, False, plan))
                     continue
-                if not self.budget.acquire(len(raw), self.stop):
+                if not self.budget.acquire(len(raw), self.stop, on_wait=lambda: self._send(batches)):
                     break
-                self._q.put(("scan", ref, raw, plan))
+                comps = self._components(plan)
+                batch = batches.setdefault(comps, [])
+                batch.append((ref, raw, plan))
+                if len(batch) >= BATCH_COUNT or sum(len(r) for _, r, _ in batch) >= BATCH_BYTES:
+                    self._q.put(("scan", batches.pop(comps)))
         except RescanError as exc:
             detail = str(exc)
         else:
@@ -338,7 +365,7 @@ class Pipeline:
             return  # stopped: what was not fetched is left for the next run
         for ref, plan in to_fetch:  # nothing is silently skipped
             if ref.key not in seen:
-                self._q.put(("record", Record(ref, error_verdict("fetch", detail), plan.was_clean_or_unknown, False, plan)))
+                records.append(Record(ref, error_verdict("fetch", detail), plan.was_clean_or_unknown, False, plan))
 
     # -- scan side (main thread) ----------------------------------------------------------
     def run(self) -> Iterator[Record]:
@@ -347,9 +374,6 @@ class Pipeline:
         for t in fetchers:
             t.start()
         in_flight: set[Future] = set()
-        # Items taken from the queue while gathering a batch, kept in queue order: a folder's
-        # "listed" item must come after its records.
-        backlog: collections.deque = collections.deque()
         cancelled = False
         fetching = len(fetchers)
         while True:
@@ -357,19 +381,19 @@ class Pipeline:
                 cancelled = True
                 for fut in list(in_flight):
                     fut.cancel()
-            if not fetching and not in_flight and not backlog and self._q.empty():
+            if not fetching and not in_flight and self._q.empty():
                 break  # every fetcher said it is done, and everything it sent was handled
             try:
-                item = backlog.popleft() if backlog else self._q.get(timeout=0.2)
+                item = self._q.get(timeout=0.2)
             except queue.Empty:
                 continue
             kind = item[0]
             if kind == "fetched":
                 fetching -= 1
-            elif kind == "record":
-                yield item[1]
+            elif kind == "records":
+                yield from item[1]
             elif kind == "scan":
-                batch = self._gather(item, backlog)
+                batch = item[1]
                 if self.stop.is_set():
                     self.budget.release(sum(len(raw) for _, raw, _ in batch))
                 else:
@@ -416,24 +440,6 @@ class Pipeline:
             cursor, whole = self._listed.pop(folder)
             self._scanning.pop(folder, None)
             self.ledger.folder_done(*folder, cursor, whole)
-
-    def _gather(self, first: tuple, backlog: collections.deque) -> list[tuple[MessageRef, bytes, Plan]]:
-        """The scan item ``first`` plus the scan items already waiting with the same plan
-        components, up to BATCH_COUNT messages or BATCH_BYTES; other items go to ``backlog``."""
-        _, ref, raw, plan = first
-        batch = [(ref, raw, plan)]
-        size = len(raw)
-        while len(batch) < BATCH_COUNT and size < BATCH_BYTES:
-            try:
-                item = self._q.get_nowait()
-            except queue.Empty:
-                break
-            if item[0] == "scan" and self._components(item[3]) == self._components(plan):
-                batch.append(item[1:])
-                size += len(item[2])
-            else:
-                backlog.append(item)
-        return batch
 
     @staticmethod
     def _components(plan: Plan) -> tuple[str, ...] | None:
