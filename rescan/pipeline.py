@@ -16,6 +16,7 @@ has been yielded (and the run was not stopped), ``Ledger.folder_done`` gets its 
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -426,12 +427,10 @@ class Pipeline:
     def _pending(self, batch: list[tuple[MessageRef, bytes, Plan]], delta: int) -> set[tuple[str, str, str]]:
         """Add ``delta`` per message of ``batch`` to its folder's count of scans submitted and
         not yet recorded; returns the folders of the batch."""
-        folders = set()
-        for ref, _, _ in batch:
-            folder = ref.key[:3]
-            self._scanning[folder] = self._scanning.get(folder, 0) + delta
-            folders.add(folder)
-        return folders
+        counts = collections.Counter((ref.source, ref.mailbox, ref.folder) for ref, _, _ in batch)
+        for folder, n in counts.items():
+            self._scanning[folder] = self._scanning.get(folder, 0) + n * delta
+        return set(counts)
 
     def _settle(self, folder: tuple[str, str, str]) -> None:
         """Tell the ledger a folder is done once it was listed to the end and every record of

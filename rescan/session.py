@@ -147,9 +147,10 @@ class StateSession:
         if self.store is None or not self._pending:
             return
         items, rows = [], []
+        current, none = self.components, {}  # shared: the store encodes each distinct stamp once
         for rec in self._pending:
             v = rec.verdict
-            stamp = {} if v.status is Status.ERROR else dict(self.components)
+            stamp = none if v.status is Status.ERROR else current
             r = rec.ref
             items.append(
                 StoredMessage(
