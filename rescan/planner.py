@@ -1,7 +1,9 @@
 """The planner: compares each ref with its stamp in the state store and the current definitions.
 
 - unknown, or its version token changed, or its last scan failed → ``full`` scan (also when
-  definitions changed for a message that was not fully scanned last time);
+  definitions changed for a message that was not fully scanned last time, unless what it
+  missed is certain to be missed again: malformed MIME, a limit; the extractor's version and
+  the limits are in every component's fingerprint);
 - stamp equal to the current components → ``skip`` (not fetched at all);
 - some components added or changed since its stamp → ``delta``: fetched and scanned with only
   those components; findings of removed components are dropped.
@@ -14,6 +16,10 @@ from typing import Sequence
 
 from rescan.models import Finding, MessageRef, Problem, Status, Verdict
 from rescan.pipeline import Plan
+
+# Problem codes that a scan with the same extractor and limits meets again, wherever it runs:
+# a message partial only for these gets a delta scan like a fully scanned one (``limit:*`` too).
+REPEATABLE = frozenset({"malformed"})
 
 
 def stored_verdict(stored, keep: set[str] | None = None) -> Verdict:
@@ -65,6 +71,9 @@ class StatePlanner:
         previous = stored_verdict(s, keep)
         if not stale:
             return Plan("skip", previous=previous, was_clean_or_unknown=was_clean, rewrite=removed)
-        if s.status not in (Status.CLEAN.value, Status.INFECTED.value):
-            return Plan("full", was_clean_or_unknown=was_clean)  # a delta cannot mend what was not scanned
+        if s.status not in (Status.CLEAN.value, Status.INFECTED.value) and not all(
+            p["code"] in REPEATABLE or p["code"].startswith("limit:") for p in s.problems
+        ):
+            # a timeout, an archive that another password or reader may open: scan it all again
+            return Plan("full", was_clean_or_unknown=was_clean)
         return Plan("delta", components=stale, previous=previous, was_clean_or_unknown=was_clean)

@@ -314,10 +314,19 @@ class YaraEngine(Engine):
     name = "yara"
 
     def __init__(self, layers: list[tuple[str, tuple[str, ...] | None]], files: dict[str, Path], timeout: int):
-        self.layers = [(yara.load(path), None if keep is None else frozenset(keep)) for path, keep in layers]
+        self._layer_files = layers
+        self._layers: list[tuple[yara.Rules, frozenset[str] | None]] | None = None
         self.files = files
         self.timeout = timeout
         self._subset = lru_cache(maxsize=8)(self._compile_subset)
+
+    @property
+    def layers(self) -> list[tuple[yara.Rules, frozenset[str] | None]]:
+        """The whole set, loaded on first use (a delta rescan may never need it)."""
+        if self._layers is None:
+            self._layers = [(yara.load(path), None if keep is None else frozenset(keep))
+                            for path, keep in self._layer_files]
+        return self._layers
 
     def _compile_subset(self, components: frozenset[str]) -> list[tuple[yara.Rules, None]]:
         chosen = {ns: p for ns, p in self.files.items() if ns in components}
