@@ -58,9 +58,10 @@ def map_local_errors(what: str) -> Iterator[None]:
         raise SourceError(f"{what}: {exc.strerror or exc}") from None
 
 
-def _open_readonly(path: str) -> BinaryIO:
-    """``path`` opened for binary reading only (the one place this module opens a file)."""
-    return open(path, "rb")
+def _open_readonly(path: str, buffered: bool = True) -> BinaryIO:
+    """``path`` opened for binary reading only (the one place this module opens a file);
+    unbuffered to be read whole at once."""
+    return open(path, "rb") if buffered else open(path, "rb", buffering=0)
 
 
 def _path_of(source: str) -> str:
@@ -292,7 +293,7 @@ class MaildirConnector(_LocalConnector):
             if rel is not None:
                 path = os.path.join(base, rel)
                 try:
-                    with _open_readonly(path) as f:
+                    with _open_readonly(path, buffered=False) as f:
                         return path, f.read()
                 except FileNotFoundError:
                     pass
@@ -743,7 +744,7 @@ class EmlConnector(_LocalConnector):
                 yield ref, FetchError(f"{ref.id}: not a path inside {self.root}")
                 continue
             try:
-                with _open_readonly(os.path.join(self.root, *parts)) as f:
+                with _open_readonly(os.path.join(self.root, *parts), buffered=False) as f:
                     yield ref, f.read()
             except OSError as exc:
                 yield ref, FetchError(f"{ref.id}: {exc.strerror or exc}")
