@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 
+import rescan.engines.yara as yara_engine
 from rescan.definitions import Definitions
 from rescan.engines.yara import YaraSpec, filetype_of, find_rule_files, fingerprint_rule_file
 from rescan.errors import DefinitionsError
@@ -123,7 +124,7 @@ def rules_found(spec, data=b"alpha beta"):
     return [(f.namespace, f.rule) for f in spec.load().scan_part(part(data))[0]]
 
 
-def test_a_few_changed_rule_files_are_compiled_alone_on_top_of_the_earlier_set(tmp_path):
+def test_a_few_changed_rule_files_are_compiled_alone_on_top_of_the_earlier_set(tmp_path, monkeypatch):
     root = tmp_path / "r"
     many_rule_files(root)
     first = YaraSpec([root])
@@ -142,6 +143,11 @@ def test_a_few_changed_rule_files_are_compiled_alone_on_top_of_the_earlier_set(t
     assert not any(ns == "f07.yar" for ns, _ in found)  # removed: nothing from it
     assert ("a-new.yar", "New") in found
     alpha = rules_found(spec, b"alpha")
+    # The next run finds the same layers without compiling anything.
+    monkeypatch.setattr(yara_engine, "compile_rules", lambda files: pytest.fail("compiled again"))
+    again = YaraSpec([root])
+    assert again.layers == spec.layers and rules_found(again) == found
+    monkeypatch.undo()
     # The same findings, in the same order, as the whole set compiled in one piece.
     for cached in (tmp_path / "cache").rglob("*.yarc"):
         cached.unlink()

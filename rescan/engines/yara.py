@@ -234,6 +234,8 @@ def compile_to_cache(files: dict[str, Path], components: dict[str, str]) -> Path
     for old in sorted(cache.glob("*.yarc"), key=lambda p: p.stat().st_mtime)[:-KEEP_COMPILED]:
         old.unlink(missing_ok=True)
         old.with_suffix(".json").unlink(missing_ok=True)
+    for old in sorted(cache.glob("*.layers.json"), key=lambda p: p.stat().st_mtime)[:-KEEP_COMPILED]:
+        old.unlink(missing_ok=True)
     return path
 
 
@@ -272,13 +274,25 @@ class YaraSpec(EngineSpec):
 
     def _compiled(self) -> list[tuple[str, tuple[str, ...] | None]]:
         """The layers of the whole set: the cached compiled set of exactly these files; else
+        the layers chosen for them before (``<key>.layers.json``), while all are cached; else
         the cached set that holds the most of them as they are now, plus the others compiled
-        here, when those are few; else the whole set compiled here."""
+        here (or found compiled), when those are few; else the whole set compiled here."""
         cur = self._components
-        path = compiled_cache_dir() / f"{_set_key(cur)}.yarc"
+        cache = compiled_cache_dir()
+        key = _set_key(cur)
+        path = cache / f"{key}.yarc"
         if path.exists():
             os.utime(path)
             return [(str(path), None)]
+        note = cache / f"{key}.layers.json"
+        try:
+            chosen = [(str(cache / name), None if keep is None else tuple(keep))
+                      for name, keep in json.loads(note.read_text(encoding="utf-8"))]
+            for layer, _ in chosen:
+                os.utime(layer)
+            return chosen
+        except (OSError, ValueError, TypeError):
+            pass
         best: tuple[Path, tuple[str, ...]] | None = None
         for cached, components in _cached_sets():
             same = tuple(ns for ns, fp in components.items() if cur.get(ns) == fp)
@@ -291,7 +305,13 @@ class YaraSpec(EngineSpec):
         os.utime(base)
         layers: list[tuple[str, tuple[str, ...] | None]] = [(str(base), tuple(sorted(same)))]
         if rest:
-            layers.append((str(compile_to_cache(rest, {ns: cur[ns] for ns in rest})), None))
+            fps = {ns: cur[ns] for ns in rest}
+            added = cache / f"{_set_key(fps)}.yarc"
+            layers.append((str(added if added.exists() else compile_to_cache(rest, fps)), None))
+        try:
+            note.write_text(json.dumps([[Path(p).name, keep] for p, keep in layers]), encoding="utf-8")
+        except OSError:
+            pass  # a cache: the next run chooses again
         return layers
 
     def components(self) -> dict[str, str]:
