@@ -101,6 +101,13 @@ class Connector(ABC):
     def close(self) -> None:
         """Release connections and files."""
 
+    def readers(self, refs: Sequence[MessageRef]) -> list | None:
+        """For stores on this machine's file system: one picklable reader per ref, with
+        ``size`` and ``read()`` (the bytes, or FetchError), so that worker processes read the
+        bytes themselves instead of receiving them through the main process. None (the
+        default): the bytes are fetched here with ``fetch()``."""
+        return None
+
     @abstractmethod
     def mailboxes(self) -> list[str]:
         """Names of the mailboxes this source reaches (one for Maildir, mbox, a user login)."""

@@ -193,6 +193,56 @@ def maildir_unique_name(filename: str) -> str:
     return filename.split(":", 1)[0]
 
 
+def _read_whole(path: str) -> bytes:
+    with _open_readonly(path, buffered=False) as f:
+        return f.read()
+
+
+@dataclass(frozen=True)
+class MaildirFile:
+    """Where one Maildir message was listed (``sub/file name`` in its folder directory, or
+    None), found again by its unique name when a client moved it from ``new/`` to ``cur/`` or
+    changed its flags since. Picklable: a worker process reads it itself (see
+    ``Connector.readers``)."""
+
+    folder_dir: str
+    folder: str
+    unique: str
+    listed: str | None
+    size: int
+
+    def read(self) -> bytes:
+        """The message's bytes. Raises FetchError when it is gone or unreadable."""
+        return self.locate()[1]
+
+    def locate(self) -> tuple[str, bytes]:
+        """(path, bytes) of the message. Raises FetchError when it is gone or unreadable."""
+        names = [self.listed] if self.listed else []
+        for attempt in range(2):
+            for rel in names:
+                try:
+                    path = os.path.join(self.folder_dir, rel)
+                    return path, _read_whole(path)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    raise FetchError(f"{self.folder}/{self.unique}: {exc.strerror or exc}") from None
+            if attempt:
+                break
+            names = self._current_names()
+        raise FetchError(f"{self.folder}/{self.unique}: message no longer in the Maildir")
+
+    def _current_names(self) -> list[str]:
+        found = []
+        for sub in ("cur", "new"):
+            try:
+                entries = os.listdir(os.path.join(self.folder_dir, sub))
+            except OSError as exc:
+                raise FetchError(f"{self.folder}/{self.unique}: {exc.strerror or exc}") from None
+            found += [f"{sub}/{n}" for n in entries if maildir_unique_name(n) == self.unique]
+        return found
+
+
 @register("maildir")
 class MaildirConnector(_LocalConnector):
     """A Maildir with its Maildir++ subfolders (``.Archive``, ``.Archive.2024``).
@@ -276,36 +326,22 @@ class MaildirConnector(_LocalConnector):
         )
         self._listed(folder, cursor)
 
-    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
-        """The file bytes of each ref, found by unique name even when the file moved from
-        ``new/`` to ``cur/`` or its flags changed; a vanished message yields FetchError."""
-        relisted: set[str] = set()
-        for ref in refs:
-            found = self._read(ref, relisted)
-            yield ref, found if isinstance(found, FetchError) else found[1]
+    def readers(self, refs: Sequence[MessageRef]) -> list[MaildirFile]:
+        """A MaildirFile per ref, found by unique name even when the file moved from ``new/``
+        to ``cur/`` or its flags changed since it was listed."""
+        return [
+            MaildirFile(self._folder_dir(r.folder), r.folder, r.id,
+                        self._where.get(r.folder, {}).get(r.id), r.size or 0)
+            for r in refs
+        ]
 
-    def _read(self, ref: MessageRef, relisted: set[str]) -> tuple[str, bytes] | FetchError:
-        """(path, bytes) of the message of ``ref``; lists its folder again (once per call,
-        tracked in ``relisted``) when the file moved since it was last listed."""
-        base = self._folder_dir(ref.folder)
-        while True:
-            rel = self._where.get(ref.folder, {}).get(ref.id)
-            if rel is not None:
-                path = os.path.join(base, rel)
-                try:
-                    with _open_readonly(path, buffered=False) as f:
-                        return path, f.read()
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    return FetchError(f"{ref.folder}/{ref.id}: {exc.strerror or exc}")
-            if ref.folder in relisted:  # listed again during this fetch: it is gone
-                return FetchError(f"{ref.folder}/{ref.id}: message no longer in the Maildir")
-            relisted.add(ref.folder)
+    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
+        """The file bytes of each ref (see ``readers``); a vanished message yields FetchError."""
+        for ref, reader in zip(refs, self.readers(refs)):
             try:
-                self._where[ref.folder] = {u: r for u, r, _ in self._list(ref.folder)}
-            except SourceError as exc:
-                return FetchError(f"{ref.folder}/{ref.id}: {exc}")
+                yield ref, reader.read()
+            except FetchError as exc:
+                yield ref, exc
 
     def quarantine(self, refs: Sequence[MessageRef], folder: str) -> list[ActionResult]:
         """Move each message into Maildir++ ``folder`` (created when missing): write a copy
@@ -324,8 +360,7 @@ class MaildirConnector(_LocalConnector):
                 pass
         except OSError as exc:
             raise ActionError(f"{target}: {exc.strerror or exc}") from None
-        relisted: set[str] = set()
-        return [self._move(ref, folder, target, relisted) for ref in refs]
+        return [self._move(ref, reader, folder, target) for ref, reader in zip(refs, self.readers(refs))]
 
     def delete(self, refs: Sequence[MessageRef], hard: bool = False) -> list[ActionResult]:
         """Move each message to the ``Trash`` folder, or with ``hard`` remove its file.
@@ -334,25 +369,21 @@ class MaildirConnector(_LocalConnector):
         if not hard:
             return self.quarantine(refs, "Trash")
         results = []
-        relisted: set[str] = set()
-        for ref in refs:
-            found = self._read(ref, relisted)
+        for ref, reader in zip(refs, self.readers(refs)):
             try:
-                if isinstance(found, FetchError):
-                    raise found
-                os.unlink(found[0])
+                os.unlink(reader.locate()[0])
                 results.append(ActionResult(ref, True, "deleted"))
             except (OSError, FetchError) as exc:
                 results.append(ActionResult(ref, False, f"not deleted: {exc}"))
         return results
 
-    def _move(self, ref: MessageRef, folder: str, target: str, relisted: set[str]) -> ActionResult:
+    def _move(self, ref: MessageRef, reader: MaildirFile, folder: str, target: str) -> ActionResult:
         if ref.folder == folder:
             return ActionResult(ref, False, f"already in {folder}")
-        found = self._read(ref, relisted)
-        if isinstance(found, FetchError):
-            return ActionResult(ref, False, f"not moved: {found}")
-        src, data = found
+        try:
+            src, data = reader.locate()
+        except FetchError as exc:
+            return ActionResult(ref, False, f"not moved: {exc}")
         name = os.path.basename(src)
         tmp = os.path.join(target, "tmp", name)
         dst = os.path.join(target, "cur", name if ":" in name else name + ":2,")
@@ -736,18 +767,38 @@ class EmlConnector(_LocalConnector):
             except FileNotFoundError:
                 continue
 
+    def readers(self, refs: Sequence[MessageRef]) -> list[EmlFile]:
+        """An EmlFile per ref."""
+        return [EmlFile(self.root, r.id, r.size or 0) for r in refs]
+
     def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
         """The bytes of each file; a missing or unreadable file yields FetchError."""
-        for ref in refs:
-            parts = ref.id.split("/")
-            if os.path.isabs(ref.id) or ".." in parts:
-                yield ref, FetchError(f"{ref.id}: not a path inside {self.root}")
-                continue
+        for ref, reader in zip(refs, self.readers(refs)):
             try:
-                with _open_readonly(os.path.join(self.root, *parts), buffered=False) as f:
-                    yield ref, f.read()
-            except OSError as exc:
-                yield ref, FetchError(f"{ref.id}: {exc.strerror or exc}")
+                yield ref, reader.read()
+            except FetchError as exc:
+                yield ref, exc
+
+
+@dataclass(frozen=True)
+class EmlFile:
+    """One message file of an .eml tree (``id``: its path under ``root``). Picklable: a
+    worker process reads it itself (see ``Connector.readers``)."""
+
+    root: str
+    id: str
+    size: int
+
+    def read(self) -> bytes:
+        """The file's bytes. Raises FetchError when it is missing, unreadable, or its id is not
+        a path inside the tree."""
+        parts = self.id.split("/")
+        if os.path.isabs(self.id) or ".." in parts:
+            raise FetchError(f"{self.id}: not a path inside {self.root}")
+        try:
+            return _read_whole(os.path.join(self.root, *parts))
+        except OSError as exc:
+            raise FetchError(f"{self.id}: {exc.strerror or exc}") from None
 
 
 # --- bare paths ---------------------------------------------------------------------------

@@ -159,3 +159,13 @@ class Verdict:
     def fully_scanned(self) -> bool:
         """True when nothing was left unscanned (the message may still be infected)."""
         return self.status in (Status.CLEAN, Status.INFECTED) and not self.problems
+
+
+def error_verdict(code: str, detail: str) -> Verdict:
+    """The verdict of a message that could not be scanned at all."""
+    return Verdict(Status.ERROR, problems=(Problem(code, detail),))
+
+
+def too_large(size: int, limit: int) -> Verdict:
+    """The verdict of a message over ``--max-message-size``: skipped, with the reason."""
+    return Verdict(Status.SKIPPED, problems=(Problem("too-large", f"{size} bytes > --max-message-size {limit}"),))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from rescan.errors import AuthError, RescanError, TaskTimeout, WorkerCrashed
-from rescan.models import Limits, MessageRef, Problem, Status, Verdict
+from rescan.models import Limits, MessageRef, Status, Verdict, error_verdict, too_large
 
 if TYPE_CHECKING:  # the worker side is imported when the first message is sent to a worker
     from rescan.scan import ScanResult
@@ -155,11 +155,6 @@ class ByteBudget:
         with self._cond:
             self.used -= n
             self._cond.notify_all()
-
-
-def error_verdict(code: str, detail: str) -> Verdict:
-    """A verdict for a message that could not be scanned at all."""
-    return Verdict(Status.ERROR, problems=(Problem(code, detail),))
 
 
 class Pipeline:
@@ -329,14 +324,17 @@ class Pipeline:
             if plan.kind == "skip":
                 records.append(Record(ref, plan.previous, False, False, plan))
             elif ref.size is not None and ref.size > self.limits.max_message_size:
-                v = Verdict(
-                    Status.SKIPPED,
-                    problems=(Problem("too-large", f"{ref.size} bytes > --max-message-size {self.limits.max_message_size}"),),
-                )
+                v = too_large(ref.size, self.limits.max_message_size)
                 records.append(Record(ref, v, plan.was_clean_or_unknown, False, plan))
             else:
                 to_fetch.append((ref, plan))
         if not to_fetch:
+            return
+        readers = conn.readers([r for r, _ in to_fetch])
+        if readers is not None:  # a worker reads each message itself
+            for (ref, plan), reader in zip(to_fetch, readers):
+                if not self._batch(batches, ref, reader, plan):
+                    return
             return
         by_key = {ref.key: plan for ref, plan in to_fetch}
         seen = set()
@@ -348,16 +346,11 @@ class Pipeline:
                     records.append(Record(ref, error_verdict("fetch", str(raw)), plan.was_clean_or_unknown, False, plan))
                     continue
                 if len(raw) > self.limits.max_message_size:
-                    v = Verdict(Status.SKIPPED, problems=(Problem("too-large", f"{len(raw)} bytes > --max-message-size {self.limits.max_message_size}"),))
+                    v = too_large(len(raw), self.limits.max_message_size)
                     records.append(Record(ref, v, plan.was_clean_or_unknown, False, plan))
                     continue
-                if not self.budget.acquire(len(raw), self.stop, on_wait=lambda: self._send(batches)):
+                if not self._batch(batches, ref, raw, plan):
                     break
-                comps = self._components(plan)
-                batch = batches.setdefault(comps, [])
-                batch.append((ref, raw, plan))
-                if len(batch) >= BATCH_COUNT or sum(len(r) for _, r, _ in batch) >= BATCH_BYTES:
-                    self._q.put(("scan", batches.pop(comps)))
         except RescanError as exc:
             detail = str(exc)
         else:
@@ -367,6 +360,19 @@ class Pipeline:
         for ref, plan in to_fetch:  # nothing is silently skipped
             if ref.key not in seen:
                 records.append(Record(ref, error_verdict("fetch", detail), plan.was_clean_or_unknown, False, plan))
+
+    def _batch(self, batches: dict, ref: MessageRef, raw, plan: Plan) -> bool:
+        """Add a message (its bytes, or a reader of them) to the batch of its plan's
+        components, once its bytes fit in the budget; send the batch when full. False when
+        the run was stopped while waiting."""
+        if not self.budget.acquire(_weight(raw), self.stop, on_wait=lambda: self._send(batches)):
+            return False
+        comps = self._components(plan)
+        batch = batches.setdefault(comps, [])
+        batch.append((ref, raw, plan))
+        if len(batch) >= BATCH_COUNT or sum(_weight(r) for _, r, _ in batch) >= BATCH_BYTES:
+            self._q.put(("scan", batches.pop(comps)))
+        return True
 
     # -- scan side (main thread) ----------------------------------------------------------
     def run(self) -> Iterator[Record]:
@@ -396,7 +402,7 @@ class Pipeline:
             elif kind == "scan":
                 batch = item[1]
                 if self.stop.is_set():
-                    self.budget.release(sum(len(raw) for _, raw, _ in batch))
+                    self.budget.release(sum(_weight(raw) for _, raw, _ in batch))
                 else:
                     in_flight.add(self._submit(batch))
                     self._pending(batch, 1)
@@ -404,7 +410,7 @@ class Pipeline:
                 _, batch, fut = item
                 in_flight.discard(fut)
                 if fut.cancelled():
-                    self.budget.release(sum(len(raw) for _, raw, _ in batch))
+                    self.budget.release(sum(_weight(raw) for _, raw, _ in batch))
                 elif len(batch) > 1 and fut.exception() is not None:
                     in_flight.update(self._submit([one]) for one in batch)  # find the culprit
                     continue  # its messages are still pending
@@ -463,7 +469,7 @@ class Pipeline:
         except Exception as exc:
             results = exc
         for i, (ref, raw, plan) in enumerate(batch):
-            self.budget.release(len(raw))
+            self.budget.release(_weight(raw))
             yield self._record(ref, plan, results if isinstance(results, BaseException) else results[i])
 
     def _record(self, ref: MessageRef, plan: Plan, result: ScanResult | BaseException) -> Record:
@@ -476,10 +482,18 @@ class Pipeline:
                 v = error_verdict("engine", f"{type(result).__name__}: {result}")
             return Record(ref, v, plan.was_clean_or_unknown, True, plan)
         verdict = result.verdict
+        if not result.scanned:  # the worker could not read it, or it had grown too large
+            return Record(ref, verdict, plan.was_clean_or_unknown, False, plan)
         if plan.kind == "delta" and plan.previous is not None:
             verdict = merge_delta(plan.previous, verdict, plan.components or ())
         new = verdict.status is not Status.CLEAN and plan.was_clean_or_unknown
-        return Record(ref, verdict, new, True, plan, result.cache_rows, result.parts_from_cache)
+        return Record(ref, verdict, new, result.scanned, plan, result.cache_rows, result.parts_from_cache)
+
+
+def _weight(raw) -> int:
+    """Bytes a message in flight stands for: its bytes, or the size of the file a worker
+    reads."""
+    return len(raw) if isinstance(raw, bytes) else raw.size
 
 
 def merge_delta(previous: Verdict, delta: Verdict, components: Sequence[str]) -> Verdict:

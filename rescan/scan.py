@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Collection
 
 from rescan.engines import Engine, EngineSpec
-from rescan.models import Finding, Limits, Part, Problem, Verdict
+from rescan.errors import FetchError
+from rescan.models import Finding, Limits, Part, Problem, Verdict, error_verdict, too_large
 
 CACHE_MIN_SIZE = 1024  # smaller parts (and the header block) are unique per message: not cached
 _engines: list[Engine] = []
@@ -20,12 +21,14 @@ _cache = None  # a read-only verdict cache (rescan.state.CacheReader) or None
 
 @dataclass(frozen=True)
 class ScanResult:
-    """A verdict, the cache rows learned while reaching it (sha256, key, findings), and how
-    many parts were answered from the verdict cache instead of being scanned."""
+    """A verdict, the cache rows learned while reaching it (sha256, key, findings), how many
+    parts were answered from the verdict cache instead of being scanned, and whether the
+    message was scanned at all (not when it could not be read, or was too large)."""
 
     verdict: Verdict
     cache_rows: tuple[tuple[str, str, list[dict]], ...] = field(default=())
     parts_from_cache: int = 0
+    scanned: bool = True
 
 
 def init_worker(specs: list[EngineSpec], cache_path: str | None = None) -> None:
@@ -114,12 +117,26 @@ def scan_message(
 
 
 def scan_batch(
-    raws: list[bytes],
+    raws: list,
     components: tuple[str, ...] | None,
     limits: Limits,
     cache_key: str | None = None,
     passwords: tuple[str, ...] = ("infected",),
 ) -> list[ScanResult]:
     """``scan_message`` over several messages in one task (one round trip to the worker for
-    many small messages). Same arguments; one ScanResult per message, in order."""
-    return [scan_message(raw, components, limits, cache_key, passwords) for raw in raws]
+    many small messages). Each of ``raws`` is a message's bytes or a reader of them (see
+    ``connectors.base.Connector.readers``), read here. Same other arguments; one ScanResult
+    per message, in order."""
+    results = []
+    for raw in raws:
+        if not isinstance(raw, bytes):
+            try:
+                raw = raw.read()
+            except FetchError as exc:
+                results.append(ScanResult(error_verdict("fetch", str(exc)), scanned=False))
+                continue
+            if len(raw) > limits.max_message_size:  # it grew since it was listed
+                results.append(ScanResult(too_large(len(raw), limits.max_message_size), scanned=False))
+                continue
+        results.append(scan_message(raw, components, limits, cache_key, passwords))
+    return results

@@ -132,6 +132,51 @@ def test_fetchers_holding_part_of_a_batch_never_starve_each_other():
     assert p.budget.used == 0
 
 
+def test_workers_read_local_files_themselves_and_report_what_they_cannot(tmp_path):
+    import pickle
+
+    from connectors.local import EmlFile, MaildirFile
+    from rescan.scan import scan_batch
+
+    for sub in ("cur", "new", "tmp"):
+        (tmp_path / "md" / sub).mkdir(parents=True)
+    (tmp_path / "md" / "cur" / "1.M1.h:2,S").write_bytes(message(1, body="BAD\n"))
+    (tmp_path / "md" / "cur" / "3.M3.h:2,").write_bytes(message(3, body="x" * 5000))
+    (tmp_path / "a.eml").write_bytes(message(4))
+    md = str(tmp_path / "md")
+    readers = [
+        MaildirFile(md, "INBOX", "1.M1.h", "new/1.M1.h", 10),  # moved to cur/ since listed
+        MaildirFile(md, "INBOX", "2.M2.h", "cur/2.M2.h:2,", 10),  # expunged since listed
+        MaildirFile(md, "INBOX", "3.M3.h", "cur/3.M3.h:2,", 10),  # grew past the limit
+        EmlFile(str(tmp_path), "a.eml", 10),
+        EmlFile(str(tmp_path), "../etc/passwd", 10),
+    ]
+    readers = pickle.loads(pickle.dumps(readers))  # as they travel to a worker
+    init_worker([TrapSpec()])
+    results = scan_batch(readers, None, Limits(max_message_size=4000))
+    assert [(r.verdict.status, r.scanned) for r in results] == [
+        (Status.INFECTED, True), (Status.ERROR, False), (Status.SKIPPED, False),
+        (Status.CLEAN, True), (Status.ERROR, False)]
+    assert [p.code for r in results for p in r.verdict.problems] == ["fetch", "too-large", "fetch"]
+    assert "2.M2.h: message no longer in the Maildir" in results[1].verdict.problems[0].detail
+
+
+def test_maildir_messages_are_read_by_the_workers_not_sent_to_them(tmp_path):
+    store = tmp_path / "md"
+    for sub in ("cur", "new", "tmp"):
+        (store / sub).mkdir(parents=True)
+    for i in range(40):
+        (store / "cur" / f"{i}.M{i}.h:2,S").write_bytes(message(i, body="BAD\n" if i == 7 else "ok\n"))
+    sent = []
+    with open_source(f"maildir:{store}") as conn, WorkerPool(2, init_worker, ([TrapSpec()],)) as pool:
+        real = pool.submit_timed
+        pool.submit_timed = lambda t, fn, raws, *a: sent.extend(raws) or real(t, fn, raws, *a)
+        records = list(Pipeline([conn], pool, Limits()).run())
+    assert len(sent) == 40 and not any(isinstance(r, bytes) for r in sent)
+    assert [r.ref.id for r in records if r.verdict.status is Status.INFECTED] == ["7.M7.h"]
+    assert all(r.scanned for r in records)
+
+
 def test_byte_budget_lets_one_large_item_through_alone():
     b = ByteBudget(100)
     stop = threading.Event()
