@@ -23,6 +23,11 @@ earlier listing implements two methods; the base class's defaults say "cannot":
 
 A cursor is captured when the listing starts, so a message that arrives during the listing is
 found by the next ``changes()``, never lost.
+
+Reading in the workers (optional). A store on this machine's file system (Maildir, .eml trees)
+implements ``readers(refs)``: one small picklable reader per ref whose ``read()`` a worker
+process calls, so the bytes do not travel through the main process (its reading and
+forwarding took a core's share that the scans need). Remote stores use ``fetch()``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 ``Pipeline.run()`` is a generator of ``Record``s (one per message, in completion order).
 Fetching runs in threads apart from scanning (which runs in the worker pool), and the bytes
 fetched but not yet scanned are bounded by ``in_flight_bytes``, so memory does not grow with the
-store. Folder and source failures are collected in ``Pipeline.errors`` and the run goes on.
+store. Messages of local stores travel to the workers as readers (``Connector.readers``) that
+the worker reads, counted against the same bound by their size. Folder and source failures are collected in ``Pipeline.errors`` and the run goes on.
 
 Incremental folders: when the ``Ledger`` holds a usable cursor for a folder and its connector
 can tell what changed since (``Connector.changes``), only the new messages are listed and
