@@ -139,7 +139,7 @@ class WorkerPool(Executor):
             self._pending.append((next(self._ids), fut, fn, args, kwargs, timeout))
             if self._thread is None:
                 self._start()
-        self._wakeup_w.send(b"")
+        self._wakeup_w.send_bytes(b"\0")
         return fut
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -151,7 +151,7 @@ class WorkerPool(Executor):
                     self._pending.popleft()[1].cancel()
         if self._thread is None:
             return  # never started
-        self._wakeup_w.send(b"")
+        self._wakeup_w.send_bytes(b"\0")
         if wait:
             self._thread.join()
 
