@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import imaplib
 import logging
 import socket
@@ -490,3 +491,27 @@ def test_listing_reads_plain_lines_fast_and_odd_ones_through_the_parser():
     assert found[5][b"RFC822.SIZE"] == 1234 and found[6][b"RFC822.SIZE"] == 99
     assert found[5][b"INTERNALDATE"].isoformat() == "1996-07-17T02:44:25-07:00"
     assert b"RFC822.SIZE" not in found.get(3, {})
+
+
+def test_no_protocol_trace_even_at_debug_level(dovecot, caplog):
+    # imapclient would have imaplib trace every line to a logger: a LOGIN line with the
+    # password, every message body formatted and dropped. The connector turns it off.
+    seed_mailbox(dovecot)
+    caplog.set_level(logging.DEBUG)
+    with connect(dovecot.url()) as conn:
+        refs = all_refs(conn)
+        assert len(dict(conn.fetch(refs))) == len(refs) > 0
+    assert USERS["alice"] not in caplog.text
+    assert "BODY[]" not in caplog.text and "EICAR" not in caplog.text
+
+
+def test_internaldate_parsing():
+    from connectors.imap import _internaldate
+
+    tz = datetime.timezone
+    assert _internaldate(b"17-Jul-1996 02:44:25 -0700") == datetime.datetime(
+        1996, 7, 17, 2, 44, 25, tzinfo=tz(-datetime.timedelta(hours=7)))
+    assert _internaldate(b" 1-jan-2024 00:00:00 +0530") == datetime.datetime(
+        2024, 1, 1, tzinfo=tz(datetime.timedelta(hours=5, minutes=30)))
+    for bad in (b"31-Feb-2024 00:00:00 +0000", b"17-Jux-1996 02:44:25 -0700", b"", b"17-Jul-1996"):
+        assert _internaldate(bad) is None, bad
