@@ -180,10 +180,10 @@ def test_maildir_cursor_is_per_folder(maildir, settled):
 def test_a_folder_changed_in_the_last_seconds_gets_no_cursor(maildir, tmp_path):
     # A message delivered in the same timestamp tick as the listing would leave the times as
     # they were: a folder this fresh is listed whole next time.
+    (maildir / "new" / "1700000009.M9P1.host").write_bytes(message(9))  # delivered just now
     with open_source(f"maildir:{maildir}") as conn:
         all_refs(conn)
         assert conn.cursor("alice", "INBOX") is None
-        (maildir / "new" / "1700000009.M9P1.host").write_bytes(message(9))
         box = tmp_path / "box"
         box.write_bytes(MBOXRD)
     with open_source(f"mbox:{box}") as conn:
