@@ -130,6 +130,15 @@ class _LocalConnector(Connector):
         """The paths whose times change with the folder's listing (none: no cursor)."""
         return []
 
+    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
+        """The bytes of each ref, read through ``readers()`` (the stores whose messages are
+        files); a missing or unreadable message yields FetchError."""
+        for ref, reader in zip(refs, self.readers(refs)):
+            try:
+                yield ref, reader.read()
+            except FetchError as exc:
+                yield ref, exc
+
     def _snapshot(self, folder: str) -> str | None:
         """The folder's cursor now, or None while it has changed too recently to be trusted
         (or when this store has no cursor). Raises SourceError when a watched path cannot be
@@ -217,20 +226,25 @@ class MaildirFile:
 
     def locate(self) -> tuple[str, bytes]:
         """(path, bytes) of the message. Raises FetchError when it is gone or unreadable."""
-        names = [self.listed] if self.listed else []
-        for attempt in range(2):
-            for rel in names:
-                try:
-                    path = os.path.join(self.folder_dir, rel)
-                    return path, _read_whole(path)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    raise FetchError(f"{self.folder}/{self.unique}: {exc.strerror or exc}") from None
-            if attempt:
-                break
-            names = self._current_names()
+        if self.listed:
+            found = self._read(self.listed)
+            if found is not None:
+                return found
+        for rel in self._current_names():  # moved since it was listed
+            found = self._read(rel)
+            if found is not None:
+                return found
         raise FetchError(f"{self.folder}/{self.unique}: message no longer in the Maildir")
+
+    def _read(self, rel: str) -> tuple[str, bytes] | None:
+        """(path, bytes) of ``rel`` in the folder, None when there is no such file."""
+        path = os.path.join(self.folder_dir, rel)
+        try:
+            return path, _read_whole(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FetchError(f"{self.folder}/{self.unique}: {exc.strerror or exc}") from None
 
     def _current_names(self) -> list[str]:
         found = []
@@ -334,14 +348,6 @@ class MaildirConnector(_LocalConnector):
                         self._where.get(r.folder, {}).get(r.id), r.size or 0)
             for r in refs
         ]
-
-    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
-        """The file bytes of each ref (see ``readers``); a vanished message yields FetchError."""
-        for ref, reader in zip(refs, self.readers(refs)):
-            try:
-                yield ref, reader.read()
-            except FetchError as exc:
-                yield ref, exc
 
     def quarantine(self, refs: Sequence[MessageRef], folder: str) -> list[ActionResult]:
         """Move each message into Maildir++ ``folder`` (created when missing): write a copy
@@ -770,14 +776,6 @@ class EmlConnector(_LocalConnector):
     def readers(self, refs: Sequence[MessageRef]) -> list[EmlFile]:
         """An EmlFile per ref."""
         return [EmlFile(self.root, r.id, r.size or 0) for r in refs]
-
-    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes | Exception]]:
-        """The bytes of each file; a missing or unreadable file yields FetchError."""
-        for ref, reader in zip(refs, self.readers(refs)):
-            try:
-                yield ref, reader.read()
-            except FetchError as exc:
-                yield ref, exc
 
 
 @dataclass(frozen=True)

@@ -335,7 +335,7 @@ class Pipeline:
         if readers is not None:  # a worker reads each message itself
             for (ref, plan), reader in zip(to_fetch, readers):
                 if not self._batch(batches, ref, reader, plan):
-                    return
+                    break
             return
         by_key = {ref.key: plan for ref, plan in to_fetch}
         seen = set()
